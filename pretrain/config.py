@@ -1,0 +1,309 @@
+"""JobConfig: the one typed config a run carries from `launch.py` down to every rank.
+
+Hydra composes `conf/config.yaml` plus one option per group; the dataclasses below are the schema
+(registered in Hydra's ConfigStore), so an unknown key or a wrong type fails at compose time.
+`resolve()` turns the composed DictConfig into plain dataclasses and `validate()` checks the rules
+that span fields, before any process starts. Nothing below `launch.py` sees a DictConfig.
+
+This module imports neither torch nor the model code, so a bad command line fails in a blink.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message names the key, the value and a fix."""
+
+
+@dataclass
+class JobSection:
+    name: str = "default"  # run name; the run directory is <dump_folder>/<name> (sweeps add the overrides)
+    description: str = ""  # free text, stored with the run
+    dump_folder: str = "outputs"  # root of all run directories (and of the Aim repo by default)
+    run_dir: str = ""  # derived by resolve(): the directory of this run; leave empty
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama3"  # model family, a key of pretrain.models.FAMILIES
+    flavor: str = "debug"  # preset name within the family (informational; all dims are below)
+    dim: int = 256  # hidden size D
+    n_layers: int = 6  # transformer blocks
+    n_heads: int = 16  # query heads H; head_dim = dim / n_heads
+    n_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention; null = n_heads
+    vocab_size: int = 2048  # embedding rows; must be >= the tokenizer's vocabulary
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (8B: 1.3); null = 1
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 500000.0  # RoPE base frequency
+    rope_scaling: bool = True  # apply Llama 3.1 frequency scaling to RoPE
+    rope_scaling_factor: float = 8.0  # Llama 3.1 scaling: factor
+    rope_low_freq_factor: float = 1.0  # Llama 3.1 scaling: low-frequency factor
+    rope_high_freq_factor: float = 4.0  # Llama 3.1 scaling: high-frequency factor
+    rope_original_max_seq_len: int = 8192  # Llama 3.1 scaling: context length of pretraining
+    tie_word_embeddings: bool = False  # share the output projection with the token embedding
+    hf_assets_path: str = ""  # directory with an HF tokenizer.json (or tokenizer.model); "" = none
+
+
+@dataclass
+class ParallelismConfig:
+    data_parallel_replicate_degree: int = 1  # HSDP replicas (DDP-like groups of FSDP shards)
+    data_parallel_shard_degree: int = -1  # FSDP shards; -1 = the ranks left after the other degrees
+    tensor_parallel_degree: int = 1  # tensor (+sequence) parallel ranks
+    pipeline_parallel_degree: int = 1  # pipeline stages
+    context_parallel_degree: int = 1  # ranks splitting the sequence
+    expert_parallel_degree: int = 1  # ranks splitting MoE experts
+    fsdp_reshard_after_forward: str = "default"  # default | always | never: free gathered params after forward
+
+
+@dataclass
+class Float8Config:
+    enable: bool = False  # convert linear layers to torchao float8 training
+    recipe_name: str = "tensorwise"  # torchao recipe: tensorwise | rowwise | rowwise_with_gw_hp
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"  # preset name (informational)
+    path: str = "embedded"  # embedded | an HF hub id | a local directory laid out like one | local (builder from file extension) | json | parquet | text
+    config_name: str = ""  # HF dataset config (subset), e.g. "en"; "" = none
+    data_files: list[str] = field(default_factory=list)  # paths or globs, relative to `path` when it is a directory
+    split: str = "train"  # HF split to read
+    text_field: str = "text"  # column that holds the document text
+    streaming: bool = True  # stream (no full download); hub datasets should stay streaming
+    tokenizer_path: str = ""  # a sentencepiece .model or an HF tokenizer.json / its directory; "" = see README
+    cache_dir: str = "~/.cache/pretrain"  # where trained tokenizers and the measured CPU peak are cached
+    bos: bool = True  # prepend BOS to every document
+    eos: bool = True  # append EOS to every document
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"  # local: processes on this machine
+    nproc_per_node: int = 1  # processes (devices) on this machine; 1 runs in-process
+    device: str = "auto"  # auto | cpu | cuda: auto picks cuda when available
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "AdamW"  # AdamW | Adam
+    lr: float = 8e-4  # peak learning rate
+    beta1: float = 0.9  # Adam beta1
+    beta2: float = 0.95  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
+    weight_decay: float = 0.1  # decoupled weight decay (AdamW)
+    implementation: str = "foreach"  # foreach | fused | for-loop
+
+
+@dataclass
+class LRSchedulerConfig:
+    warmup_steps: int = 2  # linear warm-up from ~0 to optimizer.lr over this many steps
+    decay_ratio: Optional[float] = None  # fraction of steps spent decaying at the end; null = decay right after warm-up
+    decay_type: str = "linear"  # linear | sqrt | cosine
+    min_lr_factor: float = 0.0  # final lr = optimizer.lr * min_lr_factor
+
+
+@dataclass
+class TrainingConfig:
+    local_batch_size: int = 8  # sequences per rank per micro-step
+    global_batch_size: int = -1  # sequences per optimizer step; -1 = local x data-parallel degree (no accumulation)
+    seq_len: int = 2048  # tokens per sequence
+    max_norm: float = 1.0  # gradient clipping norm; <= 0 disables clipping
+    steps: int = 10000  # optimizer steps to train
+    seed: int = 0  # seed for weight init
+    deterministic: bool = False  # use deterministic algorithms (bitwise-repeatable on CPU)
+    mixed_precision_param: str = "auto"  # auto | bfloat16 | float32: compute dtype of params (auto: bf16 on CUDA, fp32 on CPU)
+    mixed_precision_reduce: str = "float32"  # float32 | bfloat16: gradient reduce dtype
+
+
+@dataclass
+class CheckpointConfig:
+    enable: bool = True  # save DCP checkpoints and resume from the latest one
+    folder: str = "checkpoint"  # inside the run directory
+    interval: int = 500  # save every this many steps (and at the last step)
+    keep_latest_k: int = 10  # keep this many newest checkpoints; 0 = keep all
+    load_step: int = -1  # resume from this step; -1 = the latest complete checkpoint
+    exclude_from_loading: list[str] = field(default_factory=list)  # of: optimizer, lr_scheduler, dataloader, train_state
+    last_save_model_only: bool = False  # the final checkpoint holds model weights only (for inference/export)
+    export_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of a model-only final checkpoint
+
+
+@dataclass
+class MetricsConfig:
+    log_freq: int = 10  # log every this many steps (and the first and last step)
+    enable_aim: bool = True  # track the run in Aim (rank 0)
+    aim_repo: str = ""  # Aim repository directory; "" = job.dump_folder
+    enable_tensorboard: bool = False  # also write TensorBoard events into <run_dir>/tb
+
+
+@dataclass
+class JobConfig:
+    job: JobSection = field(default_factory=JobSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    float8: Float8Config = field(default_factory=Float8Config)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nproc_per_node
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can name it first in its defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="job_config", node=JobConfig)
+
+
+def resolve(cfg: DictConfig, run_dir: Optional[str] = None) -> JobConfig:
+    """Composed DictConfig -> validated JobConfig with derived values filled in."""
+    try:
+        job = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} has no value (???). Fix: set it on the command line, e.g. {e.full_key}=...") from None
+    assert isinstance(job, JobConfig), type(job)
+    job.job.run_dir = run_dir or os.path.join(job.job.dump_folder, job.job.name)
+    if not job.metrics.aim_repo:
+        job.metrics.aim_repo = job.job.dump_folder
+    validate(job)
+    return job
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}. Fix: set {key} to one of them.")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} must be {bound}. Fix: set {key} to a value {bound}.")
+
+
+def validate(job: JobConfig) -> None:
+    """Cross-field rules, checked before any process starts. Raises ConfigError."""
+    from pretrain.distributed.parallel_dims import ParallelDims
+    from pretrain.models import FAMILIES
+
+    m, t, o, s, c = job.model, job.training, job.optimizer, job.lr_scheduler, job.checkpoint
+    _choice("model.name", m.name, tuple(FAMILIES))
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.dim % m.n_heads:
+        raise ConfigError(
+            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}. "
+            "Fix: choose n_heads that divides dim."
+        )
+    kv = m.n_kv_heads or m.n_heads
+    if kv <= 0 or m.n_heads % kv:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}. "
+            "Fix: set n_kv_heads to a divisor of n_heads (or null for n_heads)."
+        )
+    if m.hf_assets_path and not os.path.isdir(os.path.expanduser(m.hf_assets_path)):
+        raise ConfigError(
+            f"model.hf_assets_path={m.hf_assets_path!r} is not a directory. "
+            "Fix: point it at a directory holding tokenizer.json, or set it to ''."
+        )
+
+    _choice("cluster.device", job.cluster.device, ("auto", "cpu", "cuda"))
+    _positive("cluster.nproc_per_node", job.cluster.nproc_per_node)
+    dims = ParallelDims.from_config(job.parallelism, job.world_size)  # raises ConfigError on a bad layout
+    _choice(
+        "parallelism.fsdp_reshard_after_forward",
+        job.parallelism.fsdp_reshard_after_forward,
+        ("default", "always", "never"),
+    )
+    if job.float8.enable:
+        raise ConfigError(
+            "float8.enable=true is not available in this version. Fix: use float8=off (the default)."
+        )
+
+    for key in ("local_batch_size", "seq_len", "steps"):
+        _positive(f"training.{key}", getattr(t, key))
+    per_step = t.local_batch_size * dims.dp
+    if t.global_batch_size == -1:
+        t.global_batch_size = per_step
+    if t.global_batch_size <= 0 or t.global_batch_size % per_step:
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} is not a positive multiple of "
+            f"training.local_batch_size={t.local_batch_size} x data-parallel degree {dims.dp} = {per_step}. "
+            f"Fix: set training.global_batch_size to a multiple of {per_step} (e.g. {per_step * 2}) or to -1."
+        )
+    _choice("training.mixed_precision_param", t.mixed_precision_param, ("auto", "bfloat16", "float32"))
+    _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
+
+    _choice("optimizer.name", o.name, ("AdamW", "Adam"))
+    _choice("optimizer.implementation", o.implementation, ("foreach", "fused", "for-loop"))
+    _positive("optimizer.lr", o.lr, allow_zero=True)
+    _positive("optimizer.eps", o.eps)
+    _positive("optimizer.weight_decay", o.weight_decay, allow_zero=True)
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optimizer.{key}={getattr(o, key)} must be in [0, 1). Fix: e.g. 0.9 or 0.95.")
+    _positive("lr_scheduler.warmup_steps", s.warmup_steps, allow_zero=True)
+    _choice("lr_scheduler.decay_type", s.decay_type, ("linear", "sqrt", "cosine"))
+    if s.decay_ratio is not None and not 0.0 <= s.decay_ratio <= 1.0:
+        raise ConfigError(f"lr_scheduler.decay_ratio={s.decay_ratio} must be in [0, 1] or null. Fix: e.g. 0.2.")
+    if not 0.0 <= s.min_lr_factor <= 1.0:
+        raise ConfigError(f"lr_scheduler.min_lr_factor={s.min_lr_factor} must be in [0, 1]. Fix: e.g. 0.1.")
+
+    _positive("checkpoint.interval", c.interval)
+    _positive("checkpoint.keep_latest_k", c.keep_latest_k, allow_zero=True)
+    if c.load_step < -1:
+        raise ConfigError(f"checkpoint.load_step={c.load_step} must be -1 (latest) or a step. Fix: use -1.")
+    for item in c.exclude_from_loading:
+        _choice("checkpoint.exclude_from_loading", item, ("optimizer", "lr_scheduler", "dataloader", "train_state"))
+    _choice("checkpoint.export_dtype", c.export_dtype, ("float32", "bfloat16", "float16"))
+    _positive("metrics.log_freq", job.metrics.log_freq)
+    if "/" in job.job.name or not job.job.name:
+        raise ConfigError(f"job.name={job.job.name!r} must be a non-empty name without '/'. Fix: e.g. job.name=my_run.")
+    validate_data(job.data)
+
+
+def validate_data(d: DataConfig) -> None:
+    """Local data must exist before launch; hub ids are checked when they are opened."""
+    if d.path == "embedded":
+        return
+    if d.tokenizer_path and not os.path.exists(os.path.expanduser(d.tokenizer_path)):
+        raise ConfigError(
+            f"data.tokenizer_path={d.tokenizer_path!r} does not exist. "
+            "Fix: point it at a sentencepiece .model or a tokenizer.json, or set it to '' to train one."
+        )
+    root = os.path.expanduser(d.path)
+    builders = ("local", "json", "parquet", "text", "csv", "arrow")
+    if d.path in builders or os.path.isdir(root):
+        if not d.data_files:
+            raise ConfigError(
+                f"data.path={d.path!r} needs data.data_files (paths or globs). "
+                "Fix: e.g. data.data_files='[/data/*.jsonl]'."
+            )
+        base = root if os.path.isdir(root) else ""
+        for pattern in d.data_files:
+            full = os.path.join(base, os.path.expanduser(pattern))
+            if not glob.glob(full):
+                raise ConfigError(
+                    f"data.data_files entry {pattern!r} matches no file (looked for {full!r}). "
+                    "Fix: correct the path or glob, or the data.path it is relative to."
+                )
+    elif d.path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", d.path):
+        raise ConfigError(
+            f"data.path={d.path!r} is neither an existing local directory nor a hub id (owner/name). "
+            "Fix: point it at an existing directory, or use a hub id such as allenai/c4."
+        )

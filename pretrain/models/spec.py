@@ -1,0 +1,39 @@
+"""ModelSpec: what the trainer needs to know about a model family, in one record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from pretrain.config import JobConfig, ModelConfig
+    from pretrain.distributed.parallel_dims import ParallelDims
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    # (model config, max sequence length) -> model, built on the current default device (meta for big runs)
+    build_model: Callable[["ModelConfig", int], nn.Module]
+    # applies the family's parallelism plan in place and returns the model
+    parallelize: Callable[[nn.Module, "ParallelDims", "DeviceMesh | None", "JobConfig"], nn.Module]
+    # (model, config, seq_len) -> (parameter count, training FLOPs per token)
+    params_and_flops: Callable[[nn.Module, "ModelConfig", int], tuple[int, float]]
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters, counting a tied weight once (works on the meta device)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def dense_transformer_flops(model: nn.Module, embedding: nn.Embedding, cfg: "ModelConfig", seq_len: int) -> tuple[int, float]:
+    """torchtitan's definition: 6 x non-embedding params (forward + backward matmuls)
+    + 12 x layers x heads x head_dim x seq_len (attention scores and values, forward + backward)."""
+    n_params = count_params(model)
+    head_dim = cfg.dim // cfg.n_heads
+    flops = 6 * (n_params - embedding.weight.numel()) + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
+    return n_params, float(flops)

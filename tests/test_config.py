@@ -1,0 +1,119 @@
+"""Layer 1: every option of every group composes and validates; bad input is refused clearly."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from helpers import CONF, REPO, compose, run_launch
+from pretrain.config import ConfigError, JobConfig, resolve
+
+GROUPS = ("model", "parallelism", "float8", "data", "cluster")
+# What an option needs beside itself to be a valid run on its own.
+NEEDS = {
+    "parallelism/hsdp": ["cluster.nproc_per_node=4"],
+    "parallelism/fsdp": ["cluster.nproc_per_node=2"],
+}
+
+
+def all_options():
+    for group in GROUPS:
+        for name in sorted(os.listdir(CONF / group)):
+            if name.endswith(".yaml"):
+                yield f"{group}/{name[:-5]}"
+
+
+@pytest.mark.parametrize("option", list(all_options()))
+def test_every_option_composes_and_validates(option, tmp_path):
+    group, name = option.split("/")
+    overrides = [f"{group}={name}", *NEEDS.get(option, [])]
+    if option == "data/local":
+        (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
+        overrides.append(f"data.data_files=[{tmp_path}/*.jsonl]")
+    job = resolve(compose(overrides))
+    assert isinstance(job, JobConfig)
+    assert job.job.run_dir.endswith(os.path.join("outputs", "default"))
+    assert job.training.global_batch_size % job.training.local_batch_size == 0
+
+
+def test_model_presets_have_torchtitan_dims():
+    j8 = resolve(compose(["model=llama3_8b"])).model
+    assert (j8.dim, j8.n_layers, j8.n_heads, j8.n_kv_heads, j8.ffn_dim_multiplier, j8.multiple_of, j8.vocab_size) == (
+        4096, 32, 32, 8, 1.3, 1024, 128256,
+    )
+    j405 = resolve(compose(["model=llama3_405b"])).model
+    assert (j405.dim, j405.n_layers, j405.n_heads, j405.ffn_dim_multiplier) == (16384, 126, 128, 1.2)
+
+
+def test_global_batch_defaults_to_local_times_dp():
+    job = resolve(compose(["parallelism=fsdp", "cluster.nproc_per_node=4", "training.local_batch_size=3"]))
+    assert job.training.global_batch_size == 12
+
+
+BAD = [
+    (["training.global_batch_size=12", "training.local_batch_size=8"], "training.global_batch_size"),
+    (["parallelism.data_parallel_shard_degree=3", "cluster.nproc_per_node=4"], "world size is 4"),
+    (["parallelism.data_parallel_replicate_degree=3", "cluster.nproc_per_node=4"], "data_parallel_replicate_degree=3"),
+    (["parallelism.tensor_parallel_degree=2"], "parallelism.tensor_parallel_degree"),
+    (["model.n_heads=7"], "model.n_heads"),
+    (["model.n_kv_heads=5"], "model.n_kv_heads"),
+    (["lr_scheduler.decay_type=step"], "lr_scheduler.decay_type"),
+    (["training.mixed_precision_param=fp8"], "training.mixed_precision_param"),
+    (["cluster.device=tpu"], "cluster.device"),
+    (["checkpoint.exclude_from_loading=[weights]"], "checkpoint.exclude_from_loading"),
+    (["optimizer.beta2=1.5"], "optimizer.beta2"),
+    (["training.steps=0"], "training.steps"),
+    (["data=local", "data.data_files=[/nonexistent/*.jsonl]"], "data.data_files"),
+    (["data=local"], "data.data_files"),
+    (["data.path=/nonexistent/dir"], "data.path"),
+    (["model.name=gpt2"], "model.name"),
+    (["job.name=a/b"], "job.name"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[k for _, k in BAD])
+def test_validation_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match="Fix:") as info:
+        resolve(compose(overrides))
+    assert key in str(info.value)
+
+
+CLI_BAD = [
+    (["training.no_such_key=1"], "no_such_key"),
+    (["training.steps=abc"], "training.steps"),
+    (["model=llama3_1t"], "llama3_1t"),
+    (["data=local", "data.data_files=[/nonexistent/*.jsonl]"], "data.data_files"),
+    (["training.global_batch_size=12"], "training.global_batch_size"),
+    (["parallelism=fsdp", "cluster.nproc_per_node=3", "parallelism.data_parallel_replicate_degree=2"], "replicate"),
+]
+
+
+def _snapshot(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("args,key", CLI_BAD, ids=[k for _, k in CLI_BAD])
+def test_cli_bad_input_exits_cleanly_and_writes_nothing(args, key, tmp_path):
+    run_dir = tmp_path / "outputs" / "default"
+    (run_dir / "checkpoint" / "step-5").mkdir(parents=True)
+    (run_dir / "checkpoint" / "step-5" / "train_state.json").write_text("{}")
+    before = _snapshot(tmp_path)
+    proc = run_launch(args, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert key in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert _snapshot(tmp_path) == before
+
+
+def test_help_lists_groups_and_cfg_prints_config(tmp_path):
+    proc = run_launch(["--help"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    for group in GROUPS:
+        assert f"{group}:" in proc.stdout
+    assert "llama3_70b" in proc.stdout
+    proc = run_launch(["--cfg", "job", "model=llama3_8b"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    assert "dim: 4096" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+    assert (REPO / "launch.py").stat().st_size < 4000
