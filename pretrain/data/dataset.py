@@ -1,0 +1,227 @@
+"""Training data: HF `datasets` reads the documents, `TokenWindowLoader` packs them into windows of tokens.
+
+The token stream is global: every document becomes [BOS] + tokens + [EOS], documents are concatenated in
+dataset order, and the stream is cut into non-overlapping windows of seq_len + 1 tokens (inputs = window[:-1],
+labels = window[1:], as torchtitan does). Each optimizer step takes the next `global_batch_size` windows and
+hands each data-parallel rank its share, so the global batch of a step is the same for any layout, and a
+checkpoint saved with one layout resumes exactly with another.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from pretrain.config import DataConfig
+
+if TYPE_CHECKING:
+    import datasets
+
+    from pretrain.data.tokenizer import Tokenizer
+
+FILE_BUILDERS = ("local", "json", "parquet", "text", "csv", "arrow")  # data.path values that name a file format
+_BUILDER_BY_SUFFIX = {  # data.path=local: the builder of each file extension; longer suffixes first
+    ".jsonl.gz": "json", ".json.gz": "json", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+    ".txt.gz": "text", ".txt": "text", ".csv": "csv", ".arrow": "arrow",
+}
+
+
+def open_text_stream(data: DataConfig) -> "datasets.IterableDataset":
+    """The documents of `data` in a fixed order, as an HF IterableDataset of dicts holding `data.text_field`."""
+    import datasets
+
+    text_column = data.text_field
+    if data.path == "embedded":
+        from pretrain.data.embedded import embedded_documents
+
+        text_column = "text"
+        stream = datasets.Dataset.from_dict({"text": embedded_documents()})
+    elif data.path in FILE_BUILDERS:
+        builder = _builder_for(data)
+        options = {}
+        if builder == "text":
+            text_column = "text"
+            options["sample_by"] = "paragraph"  # a document per blank-line-separated paragraph, not per line
+        files = [os.path.expanduser(f) for f in data.data_files]
+        stream = datasets.load_dataset(builder, data_files=files, split=data.split, streaming=data.streaming, **options)
+    else:
+        stream = _load_hub_layout(data)
+    if isinstance(stream, datasets.Dataset):  # streaming=false or embedded: iterate it the same way
+        stream = stream.to_iterable_dataset(num_shards=1)
+    if text_column != data.text_field:
+        stream = stream.rename_column(text_column, data.text_field)
+    return stream
+
+
+def _load_hub_layout(data: DataConfig):
+    """A hub id, or a local directory laid out like the hub repo: the very same load_dataset call."""
+    import datasets
+
+    local_root = os.path.expanduser(data.path)
+    is_local = os.path.isdir(local_root)
+    try:
+        return datasets.load_dataset(
+            local_root if is_local else data.path,
+            name=data.config_name or None,
+            data_files=list(data.data_files) or None,
+            split=data.split,
+            streaming=data.streaming,
+        )
+    except (ConnectionError, OSError) as e:  # hub errors (offline, 401/404) derive from these
+        if is_local:
+            raise
+        raise RuntimeError(
+            f"Cannot open data.path={data.path!r} from the Hugging Face hub: {type(e).__name__}: {e}. "
+            "The hub may be unreachable from this machine, or the id wrong or gated. Fix: copy the dataset to a "
+            "local directory laid out like the hub repo (for c4: <dir>/en/c4-train.00000-of-01024.json.gz, ...) "
+            "and set data.path=<dir>, keeping data.data_files."
+        ) from e
+
+
+def _builder_for(data: DataConfig) -> str:
+    if data.path != "local":
+        return data.path
+    builders = set()
+    for pattern in data.data_files:
+        builder = next((b for suffix, b in _BUILDER_BY_SUFFIX.items() if pattern.lower().endswith(suffix)), None)
+        if builder is None:
+            raise ValueError(
+                f"data.data_files entry {pattern!r}: cannot tell the format from its extension. Fix: use "
+                f"{', '.join(_BUILDER_BY_SUFFIX)}, or set data.path to json | parquet | text | csv."
+            )
+        builders.add(builder)
+    if len(builders) != 1:
+        raise ValueError(
+            f"data.path=local needs data.data_files of one format, got {list(data.data_files)}. "
+            "Fix: list files (or globs) of one format, e.g. data.data_files='[/data/*.jsonl]'."
+        )
+    return builders.pop()
+
+
+def resolve_local_files(data: DataConfig) -> list[str]:
+    """The local files `data` reads, sorted; [] for the embedded corpus and hub ids."""
+    if data.path in FILE_BUILDERS:
+        root = ""
+    elif os.path.isdir(os.path.expanduser(data.path)):
+        root = os.path.expanduser(data.path)
+    else:
+        return []
+    patterns = data.data_files or ["**/*"]
+    found = {f for p in patterns for f in glob.glob(os.path.join(root, os.path.expanduser(p)), recursive=True)}
+    return sorted(os.path.abspath(f) for f in found if os.path.isfile(f))
+
+
+class TokenWindowLoader:
+    """Hands out, step after step, this data-parallel rank's micro-batches of the global token stream.
+
+    Window k of a step (0 <= k < global_batch_size) goes to dp rank (k // local_batch_size) % dp_degree,
+    micro-batch k // (local_batch_size * dp_degree). Trade-off: every rank reads and tokenizes the whole
+    stream and keeps only its windows. Tokenizing costs dp_degree times the CPU it strictly needs, but the
+    position in the stream is one global number, so any layout sees the same global batch and the state
+    saved by one layout resumes token-exactly under another.
+    When the dataset runs out it starts again (epoch += 1; datasets reorders multi-file sources by epoch).
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        tokenizer: "Tokenizer",
+        seq_len: int,
+        local_batch_size: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_degree: int = 1,
+    ):
+        micro_step_windows = local_batch_size * dp_degree
+        if seq_len <= 0 or local_batch_size <= 0 or global_batch_size % micro_step_windows or global_batch_size <= 0:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be a positive multiple of local_batch_size="
+                f"{local_batch_size} x dp_degree={dp_degree}, and seq_len={seq_len} positive."
+            )
+        if not 0 <= dp_rank < dp_degree:
+            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_degree={dp_degree}).")
+        self.seq_len = seq_len
+        self.local_batch_size = local_batch_size
+        self.global_batch_size = global_batch_size
+        self.dp_rank = dp_rank
+        self.dp_degree = dp_degree
+        self.accumulation_steps = global_batch_size // micro_step_windows
+        self._data = data
+        self._tokenizer = tokenizer
+        self._bos = [tokenizer.bos_id] if data.bos else []
+        self._eos = [tokenizer.eos_id] if data.eos else []
+        self._dataset = open_text_stream(data)
+        self._documents = None  # iterator over self._dataset; None = (re)start it at the next read
+        self._dataset_state_at_start = None  # state the next iterator starts from (None = start of the epoch)
+        self.epoch = 0
+        self.windows_consumed = 0  # windows of the global stream handed out so far (all ranks)
+        self._buffer: list[int] = []  # tokens read but not yet in a window; starts at a window boundary
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """accumulation_steps micro-batches of (inputs, labels), each a LongTensor (local_batch_size, seq_len)."""
+        window = self.seq_len + 1
+        step_tokens = self._take(self.global_batch_size * window)
+        self.windows_consumed += self.global_batch_size
+        rank_block = self.local_batch_size * window  # this rank's contiguous tokens in one micro-step
+        micro_batches = []
+        for micro in range(self.accumulation_steps):
+            start = (micro * self.dp_degree + self.dp_rank) * rank_block
+            rows = torch.tensor(step_tokens[start : start + rank_block], dtype=torch.long)
+            rows = rows.view(self.local_batch_size, window)  # (B, T + 1)
+            micro_batches.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))  # (B, T), (B, T)
+        return micro_batches
+
+    def _take(self, count: int) -> list[int]:
+        """The next `count` tokens of the global stream."""
+        while len(self._buffer) < count:
+            self._buffer += self._next_document_tokens()
+        taken = self._buffer[:count]
+        del self._buffer[:count]
+        return taken
+
+    def _next_document_tokens(self) -> list[int]:
+        field = self._data.text_field
+        for _ in range(3):  # the rest of a resumed epoch may be empty; a whole empty epoch means no data
+            if self._documents is None:
+                if self._dataset_state_at_start is not None:
+                    self._dataset.load_state_dict(self._dataset_state_at_start)
+                self._documents = iter(self._dataset)
+            for example in self._documents:
+                if field not in example:
+                    raise KeyError(
+                        f"data.text_field={field!r} is not a column of data.path={self._data.path!r} "
+                        f"(columns: {sorted(example)}). Fix: set data.text_field to one of them."
+                    )
+                text = example[field]
+                if text:  # empty or missing documents are skipped, not packed as a lone [BOS, EOS]
+                    return self._bos + self._tokenizer.encode(text) + self._eos
+            self.epoch += 1
+            self._dataset.set_epoch(self.epoch)  # datasets ignores a starting state saved in another epoch
+            self._documents, self._dataset_state_at_start = None, None
+        raise ValueError(f"data.path={self._data.path!r} has no document with text in data.text_field={field!r}.")
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable: the position of the global stream (the same on every rank)."""
+        if self._documents is not None:  # HF's state is "after the last document it yielded", which we consumed
+            dataset_state = self._dataset.state_dict()
+        else:
+            dataset_state = self._dataset_state_at_start
+        return {
+            "epoch": self.epoch,
+            "dataset": dataset_state,  # datasets.IterableDataset.state_dict(), or None at the start of the epoch
+            "buffer": list(self._buffer),  # tokens read past the last window handed out
+            "windows_consumed": self.windows_consumed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at `state`, saved by any rank of any data-parallel layout with the same data and tokenizer."""
+        if self._documents is not None:  # an iteration is under way: start from a fresh stream
+            self._dataset = open_text_stream(self._data)
+        self.epoch = state["epoch"]
+        self.windows_consumed = state["windows_consumed"]
+        self._buffer = list(state["buffer"])
+        self._dataset.set_epoch(self.epoch)
+        self._documents, self._dataset_state_at_start = None, state["dataset"]

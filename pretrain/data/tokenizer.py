@@ -1,0 +1,259 @@
+"""Tokenizers: one small interface, two engines (SentencePiece `.model`, HF `tokenizers` `tokenizer.json`).
+
+`build_tokenizer` resolves, in this order:
+  1. `model.hf_assets_path`: a directory holding tokenizer.json (or a sentencepiece tokenizer.model);
+  2. `data.tokenizer_path`: a .model file, a tokenizer.json, or a directory holding one;
+  3. otherwise a byte-fallback BPE sentencepiece model with `model.vocab_size` pieces, trained on the
+     first few MB of the training corpus and cached under `<data.cache_dir>/tokenizers/`.
+The tokenizer's vocabulary must fit the embedding (`model.vocab_size`); BOS/EOS are added by the data
+loader, never by `encode`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+from abc import ABC, abstractmethod
+
+from pretrain.config import DataConfig, ModelConfig
+from pretrain.log import logger
+
+TOKENIZER_SAMPLE_CHARS = 3_000_000  # characters of the corpus the trained tokenizer sees (~1-3 s to train)
+
+# Options of the trained tokenizer. They are part of the cache key: changing one retrains.
+SENTENCEPIECE_TRAINER_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,  # any text encodes: characters outside the vocabulary become byte pieces, never <unk>
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    normalization_rule_name="identity",  # keep text as is (NFKC would make decode(encode(x)) != x)
+    remove_extra_whitespaces=False,  # keep indentation and double spaces (code, tables)
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    character_coverage=0.9995,
+    max_sentence_length=16384,  # bytes; longer lines are skipped by the trainer
+    shuffle_input_sentence=False,  # with input_sentence_size=0 (all lines) training is deterministic
+    input_sentence_size=0,
+    hard_vocab_limit=False,  # a small corpus may give fewer pieces than asked; never more
+    num_threads=2,  # fixed, so every machine trains the same model
+)
+
+
+class Tokenizer(ABC):
+    """What the data loader needs: ids for text and the two document-boundary ids."""
+
+    vocab_size: int  # embedding rows this tokenizer needs: max id + 1
+    bos_id: int
+    eos_id: int
+    source: str  # the file it was loaded from (for logs)
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`, without BOS/EOS."""
+
+    @abstractmethod
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` (special tokens included)."""
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=model_file)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(
+                f"{model_file} is not a sentencepiece model ({e}). (Llama 3's tokenizer.model is a tiktoken file.) "
+                "Fix: point at a tokenizer.json or the directory holding one."
+            ) from None
+        self.source = model_file
+        self.vocab_size = self._sp.get_piece_size()
+        self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(
+                f"sentencepiece model {model_file} has no BOS or EOS piece "
+                f"(bos_id={self.bos_id}, eos_id={self.eos_id}). Fix: use a model trained with both."
+            )
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(list(ids))
+
+
+# Document-boundary tokens of common HF tokenizers, tried when tokenizer_config.json does not name them.
+_KNOWN_BOS = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
+_KNOWN_EOS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, tokenizer_json: str):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        self._tok = RustTokenizer.from_file(tokenizer_json)
+        self.source = tokenizer_json
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may be sparse (Qwen)
+        self.bos_id, self.eos_id = self._boundary_ids(os.path.dirname(tokenizer_json))
+
+    def _boundary_ids(self, directory: str) -> tuple[int, int]:
+        named = _tokens_named_in_config(os.path.join(directory, "tokenizer_config.json"))
+        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        bos = named.get("bos_token") or next((t for t in _KNOWN_BOS if t in specials), None)
+        eos = named.get("eos_token") or next((t for t in _KNOWN_EOS if t in specials), None)
+        if eos is None:
+            raise ValueError(
+                f"{self.source}: cannot find an end-of-text token (no eos_token in tokenizer_config.json and none of "
+                f"{', '.join(_KNOWN_EOS)} among its special tokens {sorted(specials)[:8]}). "
+                "Fix: add the tokenizer_config.json of the model, or use a tokenizer that has one."
+            )
+        bos = bos or eos  # Qwen-style: one <|endoftext|> separates documents
+        ids = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
+        if None in ids:
+            raise ValueError(f"{self.source}: BOS {bos!r} or EOS {eos!r} is not in the vocabulary.")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        # add_special_tokens=False: Llama 3's post-processor would prepend <|begin_of_text|>; the loader adds BOS itself
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def _tokens_named_in_config(path: str) -> dict[str, str]:
+    """bos_token / eos_token of an HF tokenizer_config.json (a string or {"content": ...}); {} if absent."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    named = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            named[key] = value
+    return named
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A tokenizer.json, a sentencepiece .model, or a directory holding one (tokenizer.json preferred)."""
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer path {path} does not exist.")
+    if os.path.isdir(path):
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise FileNotFoundError(f"{path} holds neither tokenizer.json nor tokenizer.model.")
+    if path.endswith(".json"):
+        return HFTokenizer(path)
+    return SentencePieceTokenizer(path)
+
+
+def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
+    """The run's tokenizer (see the module docstring for the order). Raises ValueError if it does not fit the model."""
+    if model.hf_assets_path:
+        tokenizer, origin = load_tokenizer(model.hf_assets_path), "model.hf_assets_path"
+    elif data.tokenizer_path:
+        tokenizer, origin = load_tokenizer(data.tokenizer_path), "data.tokenizer_path"
+    else:
+        tokenizer, origin = _trained_tokenizer(data, model.vocab_size), "trained on the corpus"
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(
+            f"The tokenizer {tokenizer.source} ({origin}) has {tokenizer.vocab_size} tokens but "
+            f"model.vocab_size={model.vocab_size}. Fix: set model.vocab_size >= {tokenizer.vocab_size}, "
+            "or use a smaller tokenizer."
+        )
+    return tokenizer
+
+
+def tokenizer_cache_key(data: DataConfig, vocab_size: int) -> str:
+    """Names the trained tokenizer after everything that changes it: corpus source and files, text field,
+    vocab size, sentencepiece version and trainer options."""
+    import sentencepiece
+
+    from pretrain.data.dataset import resolve_local_files
+
+    facts = {
+        "path": data.path if data.path == "embedded" else _absolute_if_local(data.path),
+        "config_name": data.config_name,
+        "data_files": list(data.data_files),
+        "local_files": [(f, os.path.getsize(f)) for f in resolve_local_files(data)],
+        "split": data.split,
+        "text_field": data.text_field,
+        "vocab_size": vocab_size,
+        "sample_chars": TOKENIZER_SAMPLE_CHARS,
+        "sentencepiece": sentencepiece.__version__,
+        "options": SENTENCEPIECE_TRAINER_OPTIONS,
+        # the embedded corpus is the docstrings of this Python's standard library
+        "python": platform.python_version() if data.path == "embedded" else "",
+    }
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+    readable = "".join(c if c.isalnum() or c in "-_" else "_" for c in (data.name or "corpus"))
+    return f"{readable}_bpe{vocab_size}_{digest}"
+
+
+def _absolute_if_local(path: str) -> str:
+    expanded = os.path.expanduser(path)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else path
+
+
+def _trained_tokenizer(data: DataConfig, vocab_size: int) -> SentencePieceTokenizer:
+    """Train once, then load from the cache. Safe when every rank calls it at once: the first one to take
+    the file lock trains, the others wait and load; the model is written under a temporary name and renamed."""
+    from filelock import FileLock
+
+    folder = os.path.join(os.path.expanduser(data.cache_dir), "tokenizers")
+    os.makedirs(folder, exist_ok=True)
+    model_file = os.path.join(folder, tokenizer_cache_key(data, vocab_size) + ".model")
+    if not os.path.isfile(model_file):
+        with FileLock(model_file + ".lock"):
+            if not os.path.isfile(model_file):  # another process may have trained it while we waited
+                proto = _train_sentencepiece(data, vocab_size)
+                partial = f"{model_file}.{os.getpid()}.partial"
+                with open(partial, "wb") as f:
+                    f.write(proto)
+                os.replace(partial, model_file)  # atomic: readers see no file or the whole file
+                logger.info("trained a %d-piece BPE tokenizer on data.path=%s -> %s", vocab_size, data.path, model_file)
+    return SentencePieceTokenizer(model_file)
+
+
+def _train_sentencepiece(data: DataConfig, vocab_size: int) -> bytes:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_sample_lines(data),
+            model_writer=model,
+            vocab_size=vocab_size,
+            minloglevel=2,
+            **SENTENCEPIECE_TRAINER_OPTIONS,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"Cannot train a {vocab_size}-piece tokenizer on data.path={data.path} ({e}). A byte-fallback BPE needs "
+            "256 byte pieces + 3 specials + the corpus's characters. Fix: raise model.vocab_size (e.g. 512 or more)."
+        ) from None
+    return model.getvalue()
+
+
+def _sample_lines(data: DataConfig):
+    """Non-blank lines of the first TOKENIZER_SAMPLE_CHARS characters of the corpus (the trainer's sentences)."""
+    from pretrain.data.dataset import open_text_stream
+
+    seen = 0
+    for example in open_text_stream(data):
+        text = example[data.text_field] or ""
+        yield from (line for line in text.split("\n") if line.strip())
+        seen += len(text)
+        if seen >= TOKENIZER_SAMPLE_CHARS:
+            return
