@@ -7,7 +7,7 @@ FSDP mesh (dp_shard, or dp_replicate x dp_shard as HSDP). Importing this module 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -19,11 +19,15 @@ if TYPE_CHECKING:
 _NOT_YET = ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree", "expert_parallel_degree")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParallelDims:
     dp_replicate: int
     dp_shard: int
     world_size: int
+    # filled by build_mesh(): the world mesh, and its flattened data-parallel view (the ranks that
+    # see different data: the loader shards over them and the loss averages over them)
+    world_mesh: "DeviceMesh | None" = field(default=None, repr=False)
+    flat_dp_mesh: "DeviceMesh | None" = field(default=None, repr=False)
 
     @classmethod
     def from_config(cls, p: "ParallelismConfig", world_size: int) -> "ParallelDims":
@@ -81,13 +85,10 @@ class ParallelDims:
         mesh = init_device_mesh(
             device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
         )
-        mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        self.world_mesh = mesh
+        self.flat_dp_mesh = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         return mesh
 
     def fsdp_mesh(self, mesh: "DeviceMesh") -> "DeviceMesh":
         """FSDP's mesh: 1-D over dp_shard, or 2-D (replicate, shard) for HSDP."""
         return mesh[("dp_replicate", "dp_shard")] if self.dp_replicate_enabled else mesh["dp_shard"]
-
-    def dp_mesh(self, mesh: "DeviceMesh") -> "DeviceMesh":
-        """Ranks that see different data: the loader shards over them and the loss averages over them."""
-        return mesh["dp"]

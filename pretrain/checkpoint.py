@@ -1,0 +1,181 @@
+"""Checkpoints: DCP (torch.distributed.checkpoint) folders `step-N` in <run_dir>/<checkpoint.folder>.
+
+A step folder holds the model and optimizer as DCP shards (resharded on load to any layout) and
+`train_state.json` (step, lr schedule, data position): plain JSON, so loading never unpickles.
+A save is written into `step-N.partial` and renamed to `step-N` only when every rank has finished
+and the JSON is on disk, so an interrupted save is never taken as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from pretrain.config import CheckpointConfig
+from pretrain.distributed.fsdp import DTYPES
+from pretrain.log import logger
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TRAIN_STATE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """What the loop needs besides weights to continue exactly where it stopped."""
+
+    step: int = 0
+    tokens_seen: int = 0  # tokens of the global batch, summed over steps
+    elapsed_s: float = 0.0  # training wall time over all previous attempts
+
+
+def complete_steps(folder: str) -> list[int]:
+    """Steps with a complete checkpoint in `folder`, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    steps = []
+    for name in os.listdir(folder):
+        match = STEP_DIR.match(name)
+        path = os.path.join(folder, name)
+        if match and os.path.isfile(os.path.join(path, TRAIN_STATE)) and os.path.isfile(os.path.join(path, ".metadata")):
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+class CheckpointManager:
+    """Saves every `interval` steps and at the end; loads the latest (or `load_step`) on start."""
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        run_dir: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any,
+        dataloader: Any,
+        is_rank0: bool,
+    ):
+        self.cfg = cfg
+        self.folder = os.path.join(run_dir, cfg.folder)
+        self.model, self.optimizer, self.lr_scheduler, self.dataloader = model, optimizer, lr_scheduler, dataloader
+        self.is_rank0 = is_rank0
+
+    # ----------------------------------------------------------------- save
+    def should_save(self, step: int, last_step: int) -> bool:
+        return self.cfg.enable and (step % self.cfg.interval == 0 or step == last_step)
+
+    def save(self, state: TrainState, last: bool = False) -> None:
+        start = time.perf_counter()
+        final = os.path.join(self.folder, f"step-{state.step}")
+        partial = final + ".partial"
+        model_only = last and self.cfg.last_save_model_only
+        if self.is_rank0:
+            if os.path.exists(partial):  # left over from a save that was interrupted
+                shutil.rmtree(partial)
+            os.makedirs(self.folder, exist_ok=True)
+        dist.barrier()
+        dcp.save(self._state_dict(model_only), checkpoint_id=partial)
+        if self.is_rank0:
+            meta = {
+                "train_state": vars(state),
+                "model_only": model_only,
+                "lr_scheduler": None if model_only else self.lr_scheduler.state_dict(),
+                "dataloader": None if model_only else self.dataloader.state_dict(),
+            }
+            _write_json(os.path.join(partial, TRAIN_STATE), meta)
+            if os.path.exists(final):  # an older save of the same step is replaced whole
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _fsync_dir(self.folder)
+            self._purge()
+        dist.barrier()
+        logger.info(f"checkpoint: saved step {state.step} to {final} in {time.perf_counter() - start:.1f}s")
+
+    def _state_dict(self, model_only: bool) -> dict[str, Any]:
+        model_sd = get_model_state_dict(self.model)
+        if model_only:
+            dtype = DTYPES[self.cfg.export_dtype]
+            return {"model": {k: v.to(dtype) for k, v in model_sd.items()}}
+        return {"model": model_sd, "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def _purge(self) -> None:
+        if self.cfg.keep_latest_k <= 0:
+            return
+        for step in complete_steps(self.folder)[: -self.cfg.keep_latest_k]:
+            shutil.rmtree(os.path.join(self.folder, f"step-{step}"), ignore_errors=True)
+
+    # ----------------------------------------------------------------- load
+    def load(self) -> TrainState:
+        """Restore the chosen checkpoint into the live objects; a fresh TrainState when there is none."""
+        if not self.cfg.enable:
+            return TrainState()
+        steps = complete_steps(self.folder)
+        if self.cfg.load_step >= 0:
+            if self.cfg.load_step not in steps:
+                raise FileNotFoundError(
+                    f"checkpoint.load_step={self.cfg.load_step}: no complete checkpoint in {self.folder} "
+                    f"(complete steps: {steps or 'none'}). Fix: use one of them, or -1 for the latest."
+                )
+            step = self.cfg.load_step
+        elif not steps:
+            return TrainState()
+        else:
+            step = steps[-1]
+        path = os.path.join(self.folder, f"step-{step}")
+        with open(os.path.join(path, TRAIN_STATE)) as f:
+            meta = json.load(f)
+        excluded = set(self.cfg.exclude_from_loading)
+        load_optimizer = "optimizer" not in excluded and not meta["model_only"]
+        state_dict = {"model": get_model_state_dict(self.model)}
+        if load_optimizer:
+            state_dict["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+        try:
+            dcp.load(state_dict, checkpoint_id=path)
+        except Exception as e:  # DCP reports missing keys / shape mismatches per rank
+            raise RuntimeError(
+                f"checkpoint {path} does not match this model/optimizer: {e}. Fix: use the model config it "
+                "was saved with, or start a new run (another job.name)."
+            ) from None
+        set_model_state_dict(self.model, state_dict["model"], options=StateDictOptions(strict=True))
+        if load_optimizer:
+            set_optimizer_state_dict(self.model, self.optimizer, state_dict["optimizer"])
+        if meta["model_only"]:
+            excluded |= {"lr_scheduler", "dataloader"}
+        if "lr_scheduler" not in excluded:
+            self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+        if "dataloader" not in excluded:
+            self.dataloader.load_state_dict(meta["dataloader"])
+        state = TrainState() if "train_state" in excluded else TrainState(**meta["train_state"])
+        logger.info(f"checkpoint: resumed from {path} (step {state.step}; not loaded: {sorted(excluded) or 'nothing'})")
+        return state
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

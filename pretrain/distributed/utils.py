@@ -1,0 +1,57 @@
+"""Process group and device setup, and the few collectives the loop uses."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import ClusterConfig
+
+
+def pick_device(cluster: ClusterConfig) -> torch.device:
+    """cuda:LOCAL_RANK when asked for (or `auto` and available), else CPU."""
+    want_cuda = cluster.device == "cuda" or (cluster.device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("cluster.device=cuda but no CUDA device is visible. Fix: cluster.device=cpu or auto.")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: torch.device, timeout_s: int = 600) -> None:
+    """nccl (with gloo for CPU-side objects) on CUDA, gloo on CPU. A lone process (no RANK in the
+    environment) gets a one-rank group on an in-memory store, so every code path stays the same."""
+    if dist.is_initialized():
+        return
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def set_cpu_threads(device: torch.device) -> None:
+    """Split this machine's cores between the local processes (torchrun's habit), unless set."""
+    if device.type != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all ranks (sharded DTensor grads included); clips when max_norm > 0.
+    Returns a plain tensor holding the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(total, DTensor):  # a partial norm per shard: full_tensor() reduces it
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total

@@ -1,0 +1,48 @@
+"""Start the run: in this process for one rank, else one process per device on this machine through
+torch.distributed's elastic launcher (the engine behind torchrun)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+
+from pretrain.config import JobConfig
+
+
+def launch(job: JobConfig) -> int:
+    """Run `pretrain.train.main(job)` on every rank; returns the exit code for the shell."""
+    nproc = job.cluster.nproc_per_node
+    if nproc == 1:
+        from pretrain.train import main
+
+        main(job)
+        return 0
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from pretrain.train import main
+
+    # The agent's own INFO chatter would drown the rank-0 log; its warnings and errors still show.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    if job.cluster.device != "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"pretrain-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # a free port, as `torchrun --standalone` does
+        max_restarts=0,
+        monitor_interval=0.2,
+        start_method="spawn",
+    )
+    try:
+        elastic_launch(config, entrypoint=main)(job)
+    except ChildFailedError as e:
+        print(f"error: training failed on rank(s) {sorted(e.failures)}:\n{e.format_msg()}", file=sys.stderr)
+        return 1
+    return 0
