@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -28,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pretrain.config import CheckpointConfig
+from pretrain.config import CheckpointConfig, ConfigError
 from pretrain.distributed.fsdp import DTYPES
 from pretrain.log import logger
 
@@ -128,7 +129,7 @@ class CheckpointManager:
         steps = complete_steps(self.folder)
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"checkpoint.load_step={self.cfg.load_step}: no complete checkpoint in {self.folder} "
                     f"(complete steps: {steps or 'none'}). Fix: use one of them, or -1 for the latest."
                 )
@@ -146,9 +147,16 @@ class CheckpointManager:
         if load_optimizer:
             state_dict["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
         try:
+            dcp.FileSystemReader(path).read_metadata()
+        except Exception as e:
+            raise ConfigError(
+                f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Fix: delete that folder to resume "
+                "from the previous checkpoint, or pick one with checkpoint.load_step."
+            ) from None
+        try:
             dcp.load(state_dict, checkpoint_id=path)
-        except Exception as e:  # DCP reports missing keys / shape mismatches per rank
-            raise RuntimeError(
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            raise ConfigError(
                 f"checkpoint {path} does not match this model/optimizer: {e}. Fix: use the model config it "
                 "was saved with, or start a new run (another job.name)."
             ) from None

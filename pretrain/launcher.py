@@ -8,7 +8,7 @@ import os
 import sys
 import uuid
 
-from pretrain.config import JobConfig
+from pretrain.config import ConfigError, JobConfig
 
 
 def launch(job: JobConfig) -> int:
@@ -17,7 +17,11 @@ def launch(job: JobConfig) -> int:
     if nproc == 1:
         from pretrain.train import main
 
-        main(job)
+        try:
+            main(job)
+        except ConfigError as e:  # a user error found at run time (data, tokenizer, checkpoint)
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -25,8 +29,10 @@ def launch(job: JobConfig) -> int:
 
     from pretrain.train import main
 
-    # The agent's own INFO chatter would drown the rank-0 log; its warnings and errors still show.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    # The agent logs every worker failure with its own traceback; we print one summary below
+    # (the failed rank's full traceback included, except for user errors that carry their fix).
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     if job.cluster.device != "cuda" and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     config = LaunchConfig(
@@ -43,6 +49,12 @@ def launch(job: JobConfig) -> int:
     try:
         elastic_launch(config, entrypoint=main)(job)
     except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
+        user_error = message.partition("ConfigError: ")[2]
+        if user_error:  # a user error found at run time: the message says how to fix it
+            print(f"error (rank {rank}): {user_error}", file=sys.stderr)
+            return 2
         print(f"error: training failed on rank(s) {sorted(e.failures)}:\n{e.format_msg()}", file=sys.stderr)
         return 1
     return 0

@@ -104,7 +104,7 @@ def open_aim_run(job: JobConfig) -> Any:
     if run_hash:
         holder = _aim_lock_holder(repo_dir, run_hash)
         if holder is not None and holder[0] == uuid.getnode() and holder[1] != os.getpid() and _pid_alive(holder[1]):
-            raise RuntimeError(
+            raise ConfigError(
                 f"Aim run {run_hash} of {job.job.run_dir} is held by the live process {holder[1]}: "
                 f"another job with job.name={job.job.name} is running. Fix: stop it, or use another job.name."
             )

@@ -62,3 +62,15 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def aim_metric(repo_dir: str, run_hash: str, name: str) -> tuple[list[int], list[float]]:
+    """Read one metric back through Aim's own read-only API."""
+    import aim
+    from aim.storage.context import Context
+
+    run = aim.Run(run_hash, repo=repo_dir, read_only=True)
+    metric = run.get_metric(name, Context({}))
+    assert metric is not None, f"Aim run {run_hash} has no metric {name!r}"
+    steps, (values, *_) = metric.data.items_list()
+    return list(steps), list(values)

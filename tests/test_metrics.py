@@ -13,6 +13,7 @@ import textwrap
 import pytest
 import torch
 
+from helpers import aim_metric
 from pretrain.config import ConfigError, JobConfig
 from pretrain.metrics import AIM_HASH_FILE, JSONL_FILE, MetricsLogger, memory_gib, throughput
 from pretrain.peak_flops import CPU_CACHE_FILE, peak_flops, peak_flops_for_name
@@ -42,18 +43,6 @@ def _job(tmp_path, aim: bool = True) -> JobConfig:
     job.metrics.enable_aim = aim
     job.training.steps = 1000
     return job
-
-
-def _aim_metric(repo_dir: str, run_hash: str, name: str) -> tuple[list[int], list[float]]:
-    """Read one metric back through Aim's own read-only API."""
-    import aim
-    from aim.storage.context import Context
-
-    run = aim.Run(run_hash, repo=repo_dir, read_only=True)
-    metric = run.get_metric(name, Context({}))
-    assert metric is not None, f"Aim run {run_hash} has no metric {name!r}"
-    steps, (values, *_) = metric.data.items_list()
-    return list(steps), list(values)
 
 
 def test_throughput_matches_formula():
@@ -149,10 +138,10 @@ def test_logger_writes_jsonl_console_and_resumes_the_same_aim_run(tmp_path, capl
 
     repo = aim.Repo.from_path(job.metrics.aim_repo)
     assert repo.list_all_runs() == [run_hash]
-    steps, losses = _aim_metric(job.metrics.aim_repo, run_hash, "loss")
+    steps, losses = aim_metric(job.metrics.aim_repo, run_hash, "loss")
     assert steps == [1, 2, 3, 4, 5]
     assert losses == [10.0 - s for s in steps]
-    steps, mfus = _aim_metric(job.metrics.aim_repo, run_hash, "mfu")
+    steps, mfus = aim_metric(job.metrics.aim_repo, run_hash, "mfu")
     assert mfus == pytest.approx([1.5 * s for s in steps])
     run = aim.Run(run_hash, repo=job.metrics.aim_repo, read_only=True)
     assert run["hparams"]["training"]["steps"] == 1000
@@ -184,7 +173,7 @@ def test_resume_after_a_crash_takes_over_the_aim_lock(tmp_path):
     assert resumed.aim_run_hash == run_hash
     resumed.log(3, _values(3))
     resumed.close()
-    steps, losses = _aim_metric(job.metrics.aim_repo, run_hash, "loss")
+    steps, losses = aim_metric(job.metrics.aim_repo, run_hash, "loss")
     assert steps == [1, 2, 3] and losses == [9.0, 8.0, 7.0]
 
 

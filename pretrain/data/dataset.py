@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.config import DataConfig
+from pretrain.config import ConfigError, DataConfig
 
 if TYPE_CHECKING:
     import datasets
@@ -73,7 +73,7 @@ def _load_hub_layout(data: DataConfig):
     except (ConnectionError, OSError) as e:  # hub errors (offline, 401/404) derive from these
         if is_local:
             raise
-        raise RuntimeError(
+        raise ConfigError(
             f"Cannot open data.path={data.path!r} from the Hugging Face hub: {type(e).__name__}: {e}. "
             "The hub may be unreachable from this machine, or the id wrong or gated. Fix: copy the dataset to a "
             "local directory laid out like the hub repo (for c4: <dir>/en/c4-train.00000-of-01024.json.gz, ...) "
@@ -88,13 +88,13 @@ def _builder_for(data: DataConfig) -> str:
     for pattern in data.data_files:
         builder = next((b for suffix, b in _BUILDER_BY_SUFFIX.items() if pattern.lower().endswith(suffix)), None)
         if builder is None:
-            raise ValueError(
+            raise ConfigError(
                 f"data.data_files entry {pattern!r}: cannot tell the format from its extension. Fix: use "
                 f"{', '.join(_BUILDER_BY_SUFFIX)}, or set data.path to json | parquet | text | csv."
             )
         builders.add(builder)
     if len(builders) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"data.path=local needs data.data_files of one format, got {list(data.data_files)}. "
             "Fix: list files (or globs) of one format, e.g. data.data_files='[/data/*.jsonl]'."
         )
@@ -201,7 +201,10 @@ class TokenWindowLoader:
             self.epoch += 1
             self._dataset.set_epoch(self.epoch)  # datasets ignores a starting state saved in another epoch
             self._documents, self._dataset_state_at_start = None, None
-        raise ValueError(f"data.path={self._data.path!r} has no document with text in data.text_field={field!r}.")
+        raise ConfigError(
+            f"data.path={self._data.path!r} has no document with text in data.text_field={field!r}. "
+            "Fix: set data.text_field to the column that holds the text."
+        )
 
     def state_dict(self) -> dict:
         """JSON-serialisable: the position of the global stream (the same on every rank)."""

@@ -18,7 +18,7 @@ import os
 import platform
 from abc import ABC, abstractmethod
 
-from pretrain.config import DataConfig, ModelConfig
+from pretrain.config import ConfigError, DataConfig, ModelConfig
 from pretrain.log import logger
 
 TOKENIZER_SAMPLE_CHARS = 3_000_000  # characters of the corpus the trained tokenizer sees (~1-3 s to train)
@@ -68,7 +68,7 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_file)
         except (RuntimeError, OSError) as e:
-            raise ValueError(
+            raise ConfigError(
                 f"{model_file} is not a sentencepiece model ({e}). (Llama 3's tokenizer.model is a tiktoken file.) "
                 "Fix: point at a tokenizer.json or the directory holding one."
             ) from None
@@ -147,12 +147,15 @@ def load_tokenizer(path: str) -> Tokenizer:
     """A tokenizer.json, a sentencepiece .model, or a directory holding one (tokenizer.json preferred)."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"tokenizer path {path} does not exist.")
+        raise ConfigError(f"tokenizer path {path} does not exist. Fix: check data.tokenizer_path / model.hf_assets_path.")
     if os.path.isdir(path):
         for name in ("tokenizer.json", "tokenizer.model"):
             if os.path.isfile(os.path.join(path, name)):
                 return load_tokenizer(os.path.join(path, name))
-        raise FileNotFoundError(f"{path} holds neither tokenizer.json nor tokenizer.model.")
+        raise ConfigError(
+            f"{path} holds neither tokenizer.json nor tokenizer.model. Fix: download them "
+            "(python -m pretrain.data.download --repo-id ...) or point at another directory."
+        )
     if path.endswith(".json"):
         return HFTokenizer(path)
     return SentencePieceTokenizer(path)
@@ -167,7 +170,7 @@ def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
     else:
         tokenizer, origin = _trained_tokenizer(data, model.vocab_size), "trained on the corpus"
     if tokenizer.vocab_size > model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"The tokenizer {tokenizer.source} ({origin}) has {tokenizer.vocab_size} tokens but "
             f"model.vocab_size={model.vocab_size}. Fix: set model.vocab_size >= {tokenizer.vocab_size}, "
             "or use a smaller tokenizer."
@@ -239,7 +242,7 @@ def _train_sentencepiece(data: DataConfig, vocab_size: int) -> bytes:
             **SENTENCEPIECE_TRAINER_OPTIONS,
         )
     except RuntimeError as e:
-        raise ValueError(
+        raise ConfigError(
             f"Cannot train a {vocab_size}-piece tokenizer on data.path={data.path} ({e}). A byte-fallback BPE needs "
             "256 byte pieces + 3 specials + the corpus's characters. Fix: raise model.vocab_size (e.g. 512 or more)."
         ) from None

@@ -8,7 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pretrain.config import ClusterConfig
+from pretrain.config import ClusterConfig, ConfigError
 
 
 def pick_device(cluster: ClusterConfig) -> torch.device:
@@ -17,7 +17,7 @@ def pick_device(cluster: ClusterConfig) -> torch.device:
     if not want_cuda:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("cluster.device=cuda but no CUDA device is visible. Fix: cluster.device=cpu or auto.")
+        raise ConfigError("cluster.device=cuda but no CUDA device is visible. Fix: cluster.device=cpu or auto.")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
