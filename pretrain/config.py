@@ -63,6 +63,15 @@ class ParallelismConfig:
     context_parallel_degree: int = 1  # ranks splitting the sequence
     expert_parallel_degree: int = 1  # ranks splitting MoE experts
     fsdp_reshard_after_forward: str = "default"  # default | always | never: free gathered params after forward
+    disable_loss_parallel: bool = False  # with TP: gather the logits instead of a vocab-sharded cross-entropy
+    enable_async_tensor_parallel: bool = False  # overlap TP collectives with matmuls (CUDA + compile only)
+    pipeline_parallel_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble
+    pipeline_parallel_microbatch_size: int = 1  # sequences per pipeline micro-batch; local_batch_size must be a multiple
+    pipeline_parallel_layers_per_stage: Optional[int] = None  # layers per stage (virtual stages follow); null = one stage per rank (two for looped/V schedules)
+    pipeline_parallel_first_stage_less_layers: int = 1  # the first stage holds this many fewer layers (it also embeds)
+    pipeline_parallel_last_stage_less_layers: int = 1  # the last stage holds this many fewer layers (it also computes the output)
+    module_fqns_per_model_part: Optional[list[list[str]]] = None  # explicit module names per stage, e.g. [[tok_embeddings, layers.0], [layers.1, norm, output]]
+    context_parallel_method: str = "allgather"  # allgather | ring: how attention sees the whole sequence under CP
 
 
 @dataclass
@@ -134,6 +143,7 @@ class CheckpointConfig:
     load_step: int = -1  # resume from this step; -1 = the latest complete checkpoint
     exclude_from_loading: list[str] = field(default_factory=list)  # of: optimizer, lr_scheduler, dataloader, train_state
     last_save_model_only: bool = False  # the final checkpoint holds model weights only (for inference/export)
+    create_seed_checkpoint: bool = False  # write step-0 (initial weights) and exit; run with all degrees 1 on one process
     export_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of a model-only final checkpoint
 
 
@@ -158,6 +168,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dry_run: bool = False  # build everything on a fake process group at the full world size, print per-rank memory, exit
 
     @property
     def world_size(self) -> int:
@@ -198,6 +209,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 
 def validate(job: JobConfig) -> None:
     """Cross-field rules, checked before any process starts. Raises ConfigError."""
+    from pretrain.distributed.layout_checks import check_layout
     from pretrain.distributed.parallel_dims import ParallelDims
     from pretrain.models import FAMILIES
 
@@ -225,6 +237,7 @@ def validate(job: JobConfig) -> None:
     _choice("cluster.device", job.cluster.device, ("auto", "cpu", "cuda"))
     _positive("cluster.nproc_per_node", job.cluster.nproc_per_node)
     dims = ParallelDims.from_config(job.parallelism, job.world_size)  # raises ConfigError on a bad layout
+    check_layout(job, dims)
     _choice(
         "parallelism.fsdp_reshard_after_forward",
         job.parallelism.fsdp_reshard_after_forward,

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from pretrain.checkpoint import CheckpointManager
 from pretrain.config import JobConfig
@@ -36,10 +38,12 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.dims = ParallelDims.from_config(job.parallelism, dist.get_world_size())
-        self.mesh = self.dims.build_mesh(self.device.type)
-        dp_mesh = self.dims.flat_dp_mesh
-        self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None
+        self.dims.build_mesh(self.device.type)
+        dp_mesh, loss_mesh = self.dims.mesh("dp"), self.dims.mesh("dp_cp")
         dp_rank = dp_mesh.get_local_rank() if dp_mesh is not None else 0
+        # the loss is a mean over dp x cp: those ranks hold different tokens of the global batch
+        self.loss_group = loss_mesh.get_group() if loss_mesh is not None and loss_mesh.size() > 1 else None
+        self.loss_parallel = self.dims.tp_enabled and not job.parallelism.disable_loss_parallel
         if is_rank0():
             os.makedirs(job.job.run_dir, exist_ok=True)
             OmegaConf.save(OmegaConf.structured(job), os.path.join(job.job.run_dir, "config.yaml"))
@@ -59,10 +63,11 @@ class Trainer:
         self.state = self.checkpoint.load()
         self.compute_dtype = param_dtype(t, self.device)
         # without FSDP there is no MixedPrecisionPolicy: bf16 compute comes from autocast
-        self.use_autocast = self.compute_dtype != torch.float32 and not (self.dims.fsdp_enabled or self.dims.dp_replicate_enabled)
+        self.use_autocast = self.compute_dtype != torch.float32 and not self.dims.fsdp_enabled
         self.peak_flops, peak_source = peak_flops(self.device, self.compute_dtype, job.data.cache_dir)
         self.metrics = MetricsLogger(job, enabled=is_rank0())
-        self.local_tokens_per_step = t.global_batch_size // self.dims.dp * t.seq_len
+        # tokens this rank computes per optimizer step (context parallelism splits each sequence)
+        self.local_tokens_per_step = t.global_batch_size // self.dims.dp * t.seq_len // self.dims.cp
         logger.info(
             f"model {job.model.name}/{job.model.flavor}: {self.n_params:,} params, "
             f"{self.flops_per_token:.3g} FLOPs/token | {self.dims} on {self.device} | "
@@ -79,10 +84,10 @@ class Trainer:
             torch.manual_seed(t.seed)
             model = self.spec.build_model(cfg, t.seq_len)
             model.init_weights()
-            return self.spec.parallelize(model, self.dims, self.mesh, self.job)
+            return self.spec.parallelize(model, self.dims, self.job)
         with torch.device("meta"):
             model = self.spec.build_model(cfg, t.seq_len)
-        model = self.spec.parallelize(model, self.dims, self.mesh, self.job)
+        model = self.spec.parallelize(model, self.dims, self.job)
         model.to_empty(device=self.device)
         torch.manual_seed(t.seed)  # the offset-based RNG of DTensor makes each shard its slice of the full init
         model.init_weights(buffer_device=self.device)
@@ -100,10 +105,13 @@ class Trainer:
             inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             with autocast:
                 logits = self.model(inputs)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-            loss = loss / self.local_tokens_per_step
-            loss.backward()
-            loss_total += loss.detach()
+            # with loss parallel the logits stay sharded over the vocabulary (a DTensor) and the
+            # cross-entropy reduces across TP ranks itself; backward must run in the same context
+            with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                loss = loss / self.local_tokens_per_step
+                loss.backward()
+            loss_total += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
         grad_norm = clip_grad_norm_(list(self.model.parameters()), self.job.training.max_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -147,10 +155,10 @@ class Trainer:
                 window_start, window_tokens = time.perf_counter(), 0  # saves are not training throughput
 
     def _dp_mean(self, loss: torch.Tensor) -> float:
-        if self.dp_group is not None:
+        if self.loss_group is not None:
             loss = loss.clone()
-            dist.all_reduce(loss, group=self.dp_group)  # gloo has no AVG
-            loss /= self.dims.dp
+            dist.all_reduce(loss, group=self.loss_group)  # gloo has no AVG
+            loss /= self.dims.dp * self.dims.cp
         return loss.item()
 
     def close(self) -> None:

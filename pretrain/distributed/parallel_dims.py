@@ -1,12 +1,16 @@
-"""ParallelDims: parallel degrees -> validated layout -> one DeviceMesh.
+"""ParallelDims: parallel degrees -> validated layout -> one DeviceMesh and its derived views.
 
-Mesh dimensions, outermost first: dp_replicate, dp_shard (pp, cp and tp join them as they are
-implemented). Derived views: `dp` (data loading and loss: dp_replicate x dp_shard, flattened) and the
-FSDP mesh (dp_shard, or dp_replicate x dp_shard as HSDP). Importing this module does not import torch.
+The world mesh has five dimensions, outermost first: pp, dp_replicate, dp_shard, cp, tp (a degree
+of 1 keeps its dimension, so every view exists in every layout). Derived, flattened views:
+  dp          = dp_replicate x dp_shard        ranks that read different data
+  dp_shard_cp = dp_shard x cp                  FSDP shards parameters over these
+  dp_cp       = dp_replicate x dp_shard x cp   the loss and its gradients are averaged over these
+Importing this module does not import torch.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,53 +19,64 @@ if TYPE_CHECKING:
 
     from pretrain.config import ParallelismConfig
 
-# Degrees that a later version implements; until then they are refused before launch.
-_NOT_YET = ("tensor_parallel_degree", "pipeline_parallel_degree", "context_parallel_degree", "expert_parallel_degree")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+# Degrees whose implementation has not landed; they are refused before launch.
+NOT_YET: set[str] = {"expert_parallel_degree"}
 
 
 @dataclass
 class ParallelDims:
     dp_replicate: int
     dp_shard: int
+    cp: int
+    tp: int
+    pp: int
     world_size: int
-    # filled by build_mesh(): the world mesh, and its flattened data-parallel view (the ranks that
-    # see different data: the loader shards over them and the loss averages over them)
+    # filled by build_mesh(): the world mesh and its flattened views
     world_mesh: "DeviceMesh | None" = field(default=None, repr=False)
-    flat_dp_mesh: "DeviceMesh | None" = field(default=None, repr=False)
+    meshes: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_config(cls, p: "ParallelismConfig", world_size: int) -> "ParallelDims":
         from pretrain.config import ConfigError
 
-        for key in _NOT_YET:
+        for key in sorted(NOT_YET):
             if getattr(p, key) != 1:
-                raise ConfigError(
-                    f"parallelism.{key}={getattr(p, key)} is not supported yet (only data parallelism: "
-                    f"FSDP and HSDP). Fix: set parallelism.{key}=1."
-                )
-        rep, shard = p.data_parallel_replicate_degree, p.data_parallel_shard_degree
-        if rep < 1 or shard == 0 or shard < -1:
-            raise ConfigError(
-                f"parallelism.data_parallel_replicate_degree={rep} must be >= 1 and "
-                f"parallelism.data_parallel_shard_degree={shard} must be >= 1 or -1 (the rest). "
-                "Fix: use positive degrees, or -1 for the shard degree."
-            )
+                raise ConfigError(f"parallelism.{key}={getattr(p, key)} is not supported yet. Fix: set parallelism.{key}=1.")
+        degrees = {
+            "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+            "context_parallel_degree": p.context_parallel_degree,
+            "tensor_parallel_degree": p.tensor_parallel_degree,
+            "pipeline_parallel_degree": p.pipeline_parallel_degree,
+        }
+        for key, value in degrees.items():
+            if value < 1:
+                raise ConfigError(f"parallelism.{key}={value} must be >= 1. Fix: use 1 to disable it.")
+        shard = p.data_parallel_shard_degree
+        others = p.data_parallel_replicate_degree * p.context_parallel_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
+        listing = ", ".join(f"{k}={v}" for k, v in degrees.items())
         if shard == -1:
-            if world_size % rep:
+            if world_size % others:
                 raise ConfigError(
-                    f"world size {world_size} (cluster.nproc_per_node) is not divisible by "
-                    f"parallelism.data_parallel_replicate_degree={rep}. "
-                    f"Fix: choose a replicate degree that divides {world_size}."
+                    f"world size {world_size} is not divisible by the other degrees ({listing}; product {others}), "
+                    "so data_parallel_shard_degree=-1 cannot take the rest. Fix: choose degrees whose product "
+                    f"divides {world_size}, or change the number of processes."
                 )
-            shard = world_size // rep
-        if rep * shard != world_size:
+            shard = world_size // others
+        if shard < 1 or shard * others != world_size:
             raise ConfigError(
-                f"parallel degrees do not fill the world: data_parallel_replicate_degree={rep} x "
-                f"data_parallel_shard_degree={shard} = {rep * shard}, but the world size is {world_size} "
-                f"(cluster.nproc_per_node). Fix: make the product {world_size}, e.g. "
+                f"parallel degrees do not fill the world: data_parallel_shard_degree={shard}, {listing}: product "
+                f"{shard * others}, but the world size is {world_size}. Fix: make the product {world_size}, e.g. "
                 "parallelism.data_parallel_shard_degree=-1."
             )
-        return cls(dp_replicate=rep, dp_shard=shard, world_size=world_size)
+        return cls(
+            dp_replicate=p.data_parallel_replicate_degree,
+            dp_shard=shard,
+            cp=p.context_parallel_degree,
+            tp=p.tensor_parallel_degree,
+            pp=p.pipeline_parallel_degree,
+            world_size=world_size,
+        )
 
     @property
     def dp(self) -> int:
@@ -69,26 +84,44 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_shard > 1
+        """FSDP (or HSDP) wraps the model: parameters are sharded or replicated over dp x cp."""
+        return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
 
     @property
-    def dp_replicate_enabled(self) -> bool:
-        return self.dp_replicate > 1
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
 
     def build_mesh(self, device_type: str) -> "DeviceMesh | None":
-        """The world's DeviceMesh; None for a single process. Both dp dimensions are always
-        present (size 1 allowed) so HSDP with shard degree 1 is plain replication."""
+        """The world's DeviceMesh and its flattened views; None for a single process."""
         if self.world_size == 1:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(
-            device_type, (self.dp_replicate, self.dp_shard), mesh_dim_names=("dp_replicate", "dp_shard")
-        )
+        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
         self.world_mesh = mesh
-        self.flat_dp_mesh = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        self.meshes = {name: mesh[name] for name in MESH_DIMS}
+        self.meshes["dp"] = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        self.meshes["dp_shard_cp"] = mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
+        self.meshes["dp_cp"] = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+        if self.dp_replicate > 1:
+            with warnings.catch_warnings():  # HSDP needs (replicate, flattened shard x cp) as one 2-D mesh
+                warnings.filterwarnings("ignore", message=".*flattened dim from root mesh.*")
+                self.meshes["hsdp"] = mesh[("dp_replicate", "dp_shard_cp")]
         return mesh
 
-    def fsdp_mesh(self, mesh: "DeviceMesh") -> "DeviceMesh":
-        """FSDP's mesh: 1-D over dp_shard, or 2-D (replicate, shard) for HSDP."""
-        return mesh[("dp_replicate", "dp_shard")] if self.dp_replicate_enabled else mesh["dp_shard"]
+    def mesh(self, name: str) -> "DeviceMesh | None":
+        """A named view (pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp); None for one process."""
+        return self.meshes.get(name)
+
+    def fsdp_mesh(self) -> "DeviceMesh":
+        """FSDP's mesh: 1-D over dp_shard x cp, or 2-D (replicate, shard x cp) for HSDP."""
+        return self.meshes["hsdp"] if self.dp_replicate > 1 else self.meshes["dp_shard_cp"]

@@ -8,8 +8,6 @@ from typing import TYPE_CHECKING, Callable
 from torch import nn
 
 if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
-
     from pretrain.config import JobConfig, ModelConfig
     from pretrain.distributed.parallel_dims import ParallelDims
 
@@ -19,8 +17,8 @@ class ModelSpec:
     name: str
     # (model config, max sequence length) -> model, built on the current default device (meta for big runs)
     build_model: Callable[["ModelConfig", int], nn.Module]
-    # applies the family's parallelism plan in place and returns the model
-    parallelize: Callable[[nn.Module, "ParallelDims", "DeviceMesh | None", "JobConfig"], nn.Module]
+    # applies the family's parallelism plan (TP, CP, FSDP) in place and returns the model
+    parallelize: Callable[[nn.Module, "ParallelDims", "JobConfig"], nn.Module]
     # (model, config, seq_len) -> (parameter count, training FLOPs per token)
     params_and_flops: Callable[[nn.Module, "ModelConfig", int], tuple[int, float]]
 

@@ -47,9 +47,16 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal softmax attention over (B, H, T, E) tensors with as many k/v heads as q heads."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        # the attention kernel; context parallelism swaps in one that sees the whole sequence
+        self.attention_op = causal_attention
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.dim // cfg.n_heads
@@ -75,7 +82,7 @@ class Attention(nn.Module):
         if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
             k = k.repeat_interleave(repeats, dim=1)
             v = v.repeat_interleave(repeats, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = self.attention_op(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -122,7 +129,8 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens (B, T) -> logits (B, T, V). Layers sit in a ModuleDict so pipeline stages can drop some."""
+    """tokens (B, T) -> logits (B, T, V). Layers sit in a ModuleDict and the embedding, final norm and
+    output may be None, so a pipeline stage keeps only its part: (B, T) or (B, T, D) in, (B, T, D) or logits out."""
 
     def __init__(self, cfg: ModelConfig, max_seq_len: int):
         super().__init__()
@@ -140,16 +148,19 @@ class Transformer(nn.Module):
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
         """Fill every parameter (after to_empty) and recompute the RoPE buffer."""
         self.freqs_cis = precompute_freqs_cis(self.cfg, self.max_seq_len, device=buffer_device)
-        nn.init.normal_(self.tok_embeddings.weight)
+        if self.tok_embeddings is not None:
+            nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights()
-        self.norm.reset_parameters()
-        if not self.cfg.tie_word_embeddings:
+        if self.norm is not None:
+            self.norm.reset_parameters()
+        if self.output is not None and not self.cfg.tie_word_embeddings:
             std = self.cfg.dim**-0.5
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, T, D)
         for layer in self.layers.values():
             h = layer(h, self.freqs_cis)
-        return self.output(self.norm(h))  # (B, T, V)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h  # (B, T, V)
