@@ -14,7 +14,7 @@ import glob
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -97,9 +97,24 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"  # local: processes on this machine
-    nproc_per_node: int = 1  # processes (devices) on this machine; 1 runs in-process
+    name: str = "local"  # local: processes on this machine | slurm: one task per device on SLURM nodes
+    nproc_per_node: int = 1  # processes (devices) per node; locally 1 runs in-process; on SLURM the tasks per node
     device: str = "auto"  # auto | cpu | cuda: auto picks cuda when available
+    # SLURM only (cluster=slurm and its presets); cluster=local ignores these.
+    nodes: int = 1  # nodes of the job; world size = nodes x nproc_per_node
+    gpus_per_node: int = 0  # GPUs requested per node, one task each (= nproc_per_node); 0 = CPU-only job (gloo)
+    cpus_per_task: int = 1  # CPU cores per task; also the task's OMP_NUM_THREADS unless that is set
+    mem_gb: int = 0  # memory per node in GB; 0 = the partition's default
+    partition: str = ""  # SLURM partition (`sinfo -s` lists them); "" = the cluster's default partition
+    account: str = ""  # account charged for the job; "" = your default account
+    qos: str = ""  # quality of service; "" = the default
+    constraint: str = ""  # required node features, e.g. "h100"; "" = any node of the partition
+    timeout_min: int = 240  # time limit of one attempt in minutes; a requeued attempt gets the same again
+    max_num_timeout: int = 3  # requeues allowed after a time limit (and counted preemptions); each resumes from the latest checkpoint
+    signal_delay_s: int = 120  # SIGUSR2 comes this many seconds before the time limit: finish the step, checkpoint, requeue
+    setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start, e.g. "module load cuda/12.4"
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {mail-type: END}, true = bare flag; CLI: +cluster.extra_sbatch.mail-type=END
+    blocking: bool = True  # wait for the jobs and report how they ended; false = print job ids and log paths, then return
 
 
 @dataclass
@@ -172,7 +187,7 @@ class JobConfig:
 
     @property
     def world_size(self) -> int:
-        return self.cluster.nproc_per_node
+        return self.cluster.nodes * self.cluster.nproc_per_node
 
 
 def register_configs() -> None:
@@ -228,14 +243,13 @@ def validate(job: JobConfig) -> None:
             f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}. "
             "Fix: set n_kv_heads to a divisor of n_heads (or null for n_heads)."
         )
-    if m.hf_assets_path and not os.path.isdir(os.path.expanduser(m.hf_assets_path)):
+    if m.hf_assets_path and not job.dry_run and not os.path.isdir(os.path.expanduser(m.hf_assets_path)):
         raise ConfigError(
             f"model.hf_assets_path={m.hf_assets_path!r} is not a directory. "
             "Fix: point it at a directory holding tokenizer.json, or set it to ''."
         )
 
-    _choice("cluster.device", job.cluster.device, ("auto", "cpu", "cuda"))
-    _positive("cluster.nproc_per_node", job.cluster.nproc_per_node)
+    validate_cluster(job.cluster, dry_run=job.dry_run)
     dims = ParallelDims.from_config(job.parallelism, job.world_size)  # raises ConfigError on a bad layout
     check_layout(job, dims)
     _choice(
@@ -287,7 +301,64 @@ def validate(job: JobConfig) -> None:
     _positive("metrics.log_freq", job.metrics.log_freq)
     if "/" in job.job.name or not job.job.name:
         raise ConfigError(f"job.name={job.job.name!r} must be a non-empty name without '/'. Fix: e.g. job.name=my_run.")
-    validate_data(job.data)
+    if not job.dry_run:  # a dry run reads no data
+        validate_data(job.data)
+
+
+# sbatch options that cluster.* keys set; extra_sbatch must not set them a second time
+_SBATCH_OPTIONS_OF_KEYS = {
+    "nodes": "nodes", "ntasks-per-node": "nproc_per_node", "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "partition": "partition", "account": "account",
+    "qos": "qos", "constraint": "constraint", "time": "timeout_min", "signal": "signal_delay_s",
+}
+
+
+def validate_cluster(c: ClusterConfig, dry_run: bool = False) -> None:
+    """Where the ranks run. On SLURM the request is also tried against the cluster itself at
+    submission (`sbatch --test-only`), before anything is queued."""
+    _choice("cluster.name", c.name, ("local", "slurm"))
+    _choice("cluster.device", c.device, ("auto", "cpu", "cuda"))
+    _positive("cluster.nproc_per_node", c.nproc_per_node)
+    _positive("cluster.nodes", c.nodes)
+    if c.name == "local":
+        if c.nodes != 1 and not dry_run:  # a dry run only simulates the nodes
+            raise ConfigError(
+                f"cluster.nodes={c.nodes}: cluster=local runs on this machine only. "
+                "Fix: cluster=slurm for several nodes, or cluster.nodes=1."
+            )
+        return
+    _positive("cluster.gpus_per_node", c.gpus_per_node, allow_zero=True)
+    if c.gpus_per_node and c.gpus_per_node != c.nproc_per_node:
+        raise ConfigError(
+            f"cluster.gpus_per_node={c.gpus_per_node} but cluster.nproc_per_node={c.nproc_per_node}: SLURM "
+            "starts one task per GPU. Fix: set only cluster.gpus_per_node (nproc_per_node follows it)."
+        )
+    if c.gpus_per_node and c.device == "cpu":
+        raise ConfigError(
+            f"cluster.device=cpu but cluster.gpus_per_node={c.gpus_per_node} GPUs are requested. "
+            "Fix: cluster.device=auto, or cluster.gpus_per_node=0 for a CPU-only job."
+        )
+    if not c.gpus_per_node and c.device == "cuda":
+        raise ConfigError(
+            "cluster.device=cuda but cluster.gpus_per_node=0 (a CPU-only job). "
+            "Fix: cluster.gpus_per_node=<GPUs per node>, or cluster.device=cpu."
+        )
+    _positive("cluster.cpus_per_task", c.cpus_per_task)
+    _positive("cluster.timeout_min", c.timeout_min)
+    for key in ("mem_gb", "max_num_timeout", "signal_delay_s"):
+        _positive(f"cluster.{key}", getattr(c, key), allow_zero=True)
+    if c.signal_delay_s >= c.timeout_min * 60:
+        raise ConfigError(
+            f"cluster.signal_delay_s={c.signal_delay_s} is not shorter than cluster.timeout_min={c.timeout_min} "
+            "minutes: the job would be told to stop as it starts. Fix: e.g. cluster.signal_delay_s=120."
+        )
+    for option in c.extra_sbatch:
+        key = _SBATCH_OPTIONS_OF_KEYS.get(str(option).replace("_", "-"))
+        if key:
+            raise ConfigError(
+                f"cluster.extra_sbatch sets {option!r}, which cluster.{key} already sets. "
+                f"Fix: drop it from extra_sbatch and set cluster.{key}."
+            )
 
 
 def validate_data(d: DataConfig) -> None:

@@ -1,5 +1,6 @@
 """Start the run: in this process for one rank, else one process per device on this machine through
-torch.distributed's elastic launcher (the engine behind torchrun)."""
+torch.distributed's elastic launcher (the engine behind torchrun). `cluster=slurm` submits to SLURM
+instead (pretrain/slurm/: one task per device, each running the same `train.main`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pretrain.config import ConfigError, JobConfig
 
 def launch(job: JobConfig) -> int:
     """Run `pretrain.train.main(job)` on every rank; returns the exit code for the shell."""
+    if job.cluster.name == "slurm":  # launch.py reaches this only with hydra.mode=RUN; the usual path is the Hydra launcher
+        return submit_to_slurm(job)
     nproc = job.cluster.nproc_per_node
     if nproc == 1:
         from pretrain.train import main
@@ -58,3 +61,13 @@ def launch(job: JobConfig) -> int:
         print(f"error: training failed on rank(s) {sorted(e.failures)}:\n{e.format_msg()}", file=sys.stderr)
         return 1
     return 0
+
+
+def submit_to_slurm(job: JobConfig) -> int:
+    """One job on SLURM, validated already; blocking or not as `cluster.blocking` says."""
+    from pretrain.slurm.points import Point
+    from pretrain.slurm.submission import submit_points
+
+    job.job.run_dir = os.path.abspath(job.job.run_dir)
+    point = Point(index=0, overrides=[], run_dir=job.job.run_dir, job=job)
+    return submit_points([point], job.job.run_dir, is_sweep=False)

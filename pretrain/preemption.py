@@ -1,0 +1,93 @@
+"""Preemption, requeue and time limits: finish the step, write a checkpoint, then stop so SLURM or
+submitit can requeue the job, which resumes from that checkpoint.
+
+Two signals reach the tasks of a SLURM job:
+  SIGUSR2  `cluster.signal_delay_s` seconds before the time limit (`--signal=USR2@N`), or from a
+           preempting scheduler / `scancel --signal=USR2 JOBID`. submitit's handler requeues the job.
+  SIGTERM  SLURM is ending the job now: `scontrol requeue`, preemption with PreemptMode=REQUEUE,
+           `scancel`, the time limit itself. SLURM requeues (or cancels) it; submitit's handler only
+           logs it. SIGKILL follows after the cluster's KillWait.
+`install()` puts a handler in front of submitit's for both: it only records the signal. After each
+optimizer step the loop calls `checkpoint_and_requeue_if_signalled`, which
+
+  1. agrees across ranks on what was received (one tiny all-reduce per step, only when installed),
+     so every rank stops after the same step;
+  2. saves a checkpoint of that step (unless the loop just saved it);
+  3. calls the handlers that were installed before (submitit's): for SIGUSR2, global rank 0
+     re-pickles the job, runs `scontrol requeue` (a time limit counts against
+     `cluster.max_num_timeout`) and exits;
+  4. stops every rank without a result, so the job is never reported finished while it is requeued.
+
+The requeued job starts from the same pickle, finds the checkpoint in its run directory and resumes,
+so its loss trajectory is the one of an uninterrupted run. Outside a SLURM task nothing is installed
+and the hook returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any, Optional
+
+from pretrain.log import logger
+
+REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's default preemption/timeout signal (it asks for --signal=USR2@N)
+STOP_SIGNAL = signal.SIGTERM  # SLURM ends the job (requeue, preemption, cancel, time limit)
+HANDLED = (STOP_SIGNAL, REQUEUE_SIGNAL)  # in the order their previous handlers are called
+
+_previous_handlers: dict[int, Any] = {}  # signal -> what was installed before us (submitit's handlers)
+_received: set[int] = set()
+
+
+def install() -> None:
+    """Record SIGTERM and SIGUSR2 instead of acting at once; call from the main thread of each task."""
+    _received.clear()
+    for signum in HANDLED:
+        _previous_handlers[signum] = signal.signal(signum, _record_signal)
+
+
+def _record_signal(signum: int, frame: Any) -> None:
+    _received.add(signum)
+    logger.warning(f"received {signal.Signals(signum).name}: checkpointing after this step, then stopping")
+
+
+def received_on_any_rank() -> list[int]:
+    """The handled signals that any rank received (collective when more than one rank)."""
+    if not _previous_handlers:
+        return []
+    import torch
+    import torch.distributed as dist
+
+    flags = [1 if s in _received else 0 for s in HANDLED]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        agreed = torch.tensor(flags, dtype=torch.int32)  # CPU: gloo, or the cpu half of cuda:nccl,cpu:gloo
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        flags = agreed.tolist()
+    return [s for s, flag in zip(HANDLED, flags) if flag]
+
+
+def checkpoint_and_requeue_if_signalled(checkpoint: Any, state: Any) -> None:
+    """The training loop's hook, after each step. `checkpoint` is the CheckpointManager, `state` its TrainState."""
+    received = received_on_any_rank()
+    if not received:
+        return
+    import torch.distributed as dist
+
+    if not checkpoint.cfg.enable:
+        logger.warning("checkpoint.enable=false: a requeued job starts again from step 0")
+    elif not os.path.isdir(os.path.join(checkpoint.folder, f"step-{state.step}")):
+        checkpoint.save(state)
+    exit_error: Optional[BaseException] = None
+    for signum in received:
+        previous = _previous_handlers.get(signum)
+        if callable(previous):
+            try:
+                previous(signum, None)  # submitit: logs SIGTERM; on SIGUSR2 rank 0 requeues, then exits
+            except BaseException as e:  # SystemExit after the requeue, or the reason it could not requeue
+                exit_error = exit_error or e
+    if dist.is_initialized():
+        dist.barrier()  # no rank leaves before rank 0 has requeued the job
+    if exit_error is not None:
+        raise exit_error
+    names = "+".join(signal.Signals(s).name for s in received)
+    raise SystemExit(f"stopped after step {state.step} (checkpointed) on {names}")

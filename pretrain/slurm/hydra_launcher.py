@@ -1,0 +1,36 @@
+"""What the Hydra launcher of `cluster=slurm` does with a batch of points (the plugin class itself
+must live in the `hydra_plugins` package: pretrain/slurm/plugins/hydra_plugins/, installed as
+hydra_plugins.pretrain_slurm_launcher).
+
+Where hydra-submitit-launcher would pickle Hydra and compose each point on the node, this composes
+and validates every point here, before anything is queued, and ships each point's resolved
+JobConfig with a snapshot of the code (submission.py). Resources come from `cluster.*` of each
+point, so they can be swept too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig
+
+from pretrain.slurm.points import hydra_points, sweep_dir_of
+from pretrain.slurm.submission import submit_points
+
+
+def launch_points(config_loader: Any, config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
+    points = hydra_points(config_loader, config, job_overrides)
+    if points and all(p.job.dry_run for p in points):  # checked here at full scale, nothing is queued
+        from pretrain.dry_run import dry_run
+
+        for p in points:
+            dry_run(p.job)
+        return [JobReturn(overrides=p.overrides, status=JobStatus.COMPLETED) for p in points]
+    code = submit_points(points, sweep_dir_of(config), is_sweep=len(points) > 1)
+    if code:
+        raise SystemExit(code)  # the reason is printed already; Hydra's traceback would only hide it
+    return [
+        JobReturn(overrides=p.overrides, status=JobStatus.COMPLETED, _return_value=p.extra.get("job_id"))
+        for p in points
+    ]
