@@ -4,6 +4,11 @@ A step folder holds the model and optimizer as DCP shards (resharded on load to 
 `train_state.json` (step, lr schedule, data position): plain JSON, so loading never unpickles.
 A save is written into `step-N.partial` and renamed to `step-N` only when every rank has finished
 and the JSON is on disk, so an interrupted save is never taken as the latest.
+
+Names are those of the full model whatever the layout: a rank's model parts (pipeline stages) are
+disjoint pieces of it, and the optimizer state is saved flattened per parameter name, so a checkpoint
+saved with pipeline stages loads without them and back. A seed checkpoint (`step-0`, weights only)
+starts a run in any layout from the same initial weights.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from pretrain.log import logger
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAIN_STATE = "train_state.json"
+# optimizer state as "state.<param name>.<key>": independent of how parameters are grouped or placed
+FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 @dataclass
@@ -66,7 +73,7 @@ class CheckpointManager:
         self,
         cfg: CheckpointConfig,
         run_dir: str,
-        model: nn.Module,
+        model_parts: list[nn.Module],
         optimizer: torch.optim.Optimizer,
         lr_scheduler: Any,
         dataloader: Any,
@@ -74,24 +81,27 @@ class CheckpointManager:
     ):
         self.cfg = cfg
         self.folder = os.path.join(run_dir, cfg.folder)
-        self.model, self.optimizer, self.lr_scheduler, self.dataloader = model, optimizer, lr_scheduler, dataloader
+        # one module over this rank's parts: its names are "<part index>.<full model name>"
+        self.parts = nn.ModuleList(model_parts)
+        self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.is_rank0 = is_rank0
 
     # ----------------------------------------------------------------- save
     def should_save(self, step: int, last_step: int) -> bool:
         return self.cfg.enable and (step % self.cfg.interval == 0 or step == last_step)
 
-    def save(self, state: TrainState, last: bool = False) -> None:
+    def save(self, state: TrainState, last: bool = False, seed: bool = False) -> None:
+        """Save this step; `seed`: the initial weights only, in their own dtype (checkpoint.create_seed_checkpoint)."""
         start = time.perf_counter()
         final = os.path.join(self.folder, f"step-{state.step}")
         partial = final + ".partial"
-        model_only = last and self.cfg.last_save_model_only
+        model_only = seed or (last and self.cfg.last_save_model_only)
         if self.is_rank0:
             if os.path.exists(partial):  # left over from a save that was interrupted
                 shutil.rmtree(partial)
             os.makedirs(self.folder, exist_ok=True)
         dist.barrier()
-        dcp.save(self._state_dict(model_only), checkpoint_id=partial)
+        dcp.save(self._state_dict(model_only, export=not seed), checkpoint_id=partial)
         if self.is_rank0:
             meta = {
                 "train_state": vars(state),
@@ -108,12 +118,22 @@ class CheckpointManager:
         dist.barrier()
         logger.info(f"checkpoint: saved step {state.step} to {final} in {time.perf_counter() - start:.1f}s")
 
-    def _state_dict(self, model_only: bool) -> dict[str, Any]:
-        model_sd = get_model_state_dict(self.model)
+    def _state_dict(self, model_only: bool, export: bool = True) -> dict[str, Any]:
+        model_sd = self._model_state_dict()[1]
         if model_only:
-            dtype = DTYPES[self.cfg.export_dtype]
-            return {"model": {k: v.to(dtype) for k, v in model_sd.items()}}
-        return {"model": model_sd, "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+            dtype = DTYPES[self.cfg.export_dtype] if export else None
+            return {"model": {k: v.to(dtype) if dtype else v for k, v in model_sd.items()}}
+        return {"model": model_sd, "optimizer": self._optimizer_state_dict()[1]}
+
+    def _model_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the parts' own state dict, the same values under the full model's names)."""
+        own = get_model_state_dict(self.parts)
+        return own, {_drop_name_at(key, 0): value for key, value in own.items()}
+
+    def _optimizer_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(the flattened optimizer state of the parts, the same under the full model's names)."""
+        own = get_optimizer_state_dict(self.parts, self.optimizer, options=FLAT)
+        return own, {_drop_name_at(key, 1): value for key, value in own.items()}
 
     def _purge(self) -> None:
         if self.cfg.keep_latest_k <= 0:
@@ -127,6 +147,13 @@ class CheckpointManager:
         if not self.cfg.enable:
             return TrainState()
         steps = complete_steps(self.folder)
+        if self.cfg.create_seed_checkpoint:
+            if steps:
+                raise ConfigError(
+                    f"checkpoint.create_seed_checkpoint=true but {self.folder} already holds steps {steps}; the seed "
+                    "goes into an empty folder. Fix: use a new job.name, or delete that checkpoint folder."
+                )
+            return TrainState()
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError(
@@ -143,9 +170,10 @@ class CheckpointManager:
             meta = json.load(f)
         excluded = set(self.cfg.exclude_from_loading)
         load_optimizer = "optimizer" not in excluded and not meta["model_only"]
-        state_dict = {"model": get_model_state_dict(self.model)}
+        own_model, model_sd = self._model_state_dict()
+        state_dict = {"model": model_sd}
         if load_optimizer:
-            state_dict["optimizer"] = get_optimizer_state_dict(self.model, self.optimizer)
+            own_optimizer, state_dict["optimizer"] = self._optimizer_state_dict()
         try:
             dcp.FileSystemReader(path).read_metadata()
         except Exception as e:
@@ -160,9 +188,12 @@ class CheckpointManager:
                 f"checkpoint {path} does not match this model/optimizer: {e}. Fix: use the model config it "
                 "was saved with, or start a new run (another job.name)."
             ) from None
-        set_model_state_dict(self.model, state_dict["model"], options=StateDictOptions(strict=True))
+        # back to the parts' own names (DCP loaded in place, or replaced the non-tensor values)
+        loaded = {key: state_dict["model"][_drop_name_at(key, 0)] for key in own_model}
+        set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
         if load_optimizer:
-            set_optimizer_state_dict(self.model, self.optimizer, state_dict["optimizer"])
+            loaded = {key: state_dict["optimizer"][_drop_name_at(key, 1)] for key in own_optimizer}
+            set_optimizer_state_dict(self.parts, self.optimizer, loaded, options=FLAT)
         if meta["model_only"]:
             excluded |= {"lr_scheduler", "dataloader"}
         if "lr_scheduler" not in excluded:
@@ -172,6 +203,14 @@ class CheckpointManager:
         state = TrainState() if "train_state" in excluded else TrainState(**meta["train_state"])
         logger.info(f"checkpoint: resumed from {path} (step {state.step}; not loaded: {sorted(excluded) or 'nothing'})")
         return state
+
+
+def _drop_name_at(key: str, position: int) -> str:
+    """Remove one dotted component: the part index. ("0.layers.1.w", 0) -> "layers.1.w";
+    ("state.0.layers.1.w.exp_avg", 1) -> "state.layers.1.w.exp_avg"."""
+    names = key.split(".")
+    del names[position]
+    return ".".join(names)
 
 
 def _write_json(path: str, obj: Any) -> None:

@@ -10,16 +10,20 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from pretrain.checkpoint import CheckpointManager
+from pretrain import preemption
+from pretrain.checkpoint import CheckpointManager, complete_steps
 from pretrain.config import JobConfig
 from pretrain.data.dataset import TokenWindowLoader
 from pretrain.data.tokenizer import build_tokenizer
+from pretrain.distributed.context_parallel import shard_sequence
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
+from pretrain.distributed.pipeline import Pipeline, split_for_rank
 from pretrain.distributed.utils import clip_grad_norm_, init_distributed, pick_device, set_cpu_threads
 from pretrain.log import init_logging, is_rank0, logger
 from pretrain.metrics import MetricsLogger, memory_gib, peak_flops, throughput
@@ -52,22 +56,29 @@ class Trainer:
         self.dataloader = TokenWindowLoader(
             job.data, tokenizer, t.seq_len, t.local_batch_size, t.global_batch_size, dp_rank, self.dims.dp
         )
+        # tokens this rank computes per optimizer step (context parallelism splits each sequence)
+        self.local_tokens_per_step = t.global_batch_size // self.dims.dp * t.seq_len // self.dims.cp
         self.spec = get_model_spec(job.model.name)
-        self.model = self._build_model()
-        self.n_params, self.flops_per_token = self.spec.params_and_flops(self.model, job.model, t.seq_len)
-        self.optimizer = build_optimizer(self.model, job.optimizer)
+        self.model_parts = self._build_model()  # the whole model, or this rank's pipeline stages
+        self.pipeline = None
+        if self.dims.pp_enabled:
+            self.pipeline = Pipeline(self.model_parts, self.dims, job, self.device, self.local_tokens_per_step)
+        self.model = None if self.pipeline else self.model_parts[0]
+        self.optimizer = build_optimizer(nn.ModuleList(self.model_parts), job.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(
-            job.checkpoint, job.job.run_dir, self.model, self.optimizer, self.lr_scheduler, self.dataloader, is_rank0()
+            job.checkpoint, job.job.run_dir, self.model_parts, self.optimizer, self.lr_scheduler, self.dataloader,
+            is_rank0(),
         )
         self.state = self.checkpoint.load()
+        if self.pipeline and self.device.type != "cpu" and not complete_steps(self.checkpoint.folder) and is_rank0():
+            logger.warning("pipeline stages start from their own random init: for the weights of other layouts, start "
+                           "from a seed checkpoint (checkpoint.create_seed_checkpoint=true, see the README)")
         self.compute_dtype = param_dtype(t, self.device)
         # without FSDP there is no MixedPrecisionPolicy: bf16 compute comes from autocast
         self.use_autocast = self.compute_dtype != torch.float32 and not self.dims.fsdp_enabled
         self.peak_flops, peak_source = peak_flops(self.device, self.compute_dtype, job.data.cache_dir)
         self.metrics = MetricsLogger(job, enabled=is_rank0())
-        # tokens this rank computes per optimizer step (context parallelism splits each sequence)
-        self.local_tokens_per_step = t.global_batch_size // self.dims.dp * t.seq_len // self.dims.cp
         logger.info(
             f"model {job.model.name}/{job.model.flavor}: {self.n_params:,} params, "
             f"{self.flops_per_token:.3g} FLOPs/token | {self.dims} on {self.device} | "
@@ -76,22 +87,26 @@ class Trainer:
             f"peak {self.peak_flops / 1e12:.3g} TFLOP/s ({peak_source}) | run dir {job.job.run_dir}"
         )
 
-    def _build_model(self) -> torch.nn.Module:
+    def _build_model(self) -> list[nn.Module]:
         cfg, t = self.job.model, self.job.training
-        if self.device.type == "cpu":
-            # The full model is initialised from the seed, then sharded: every layout starts from
-            # the same weights (DTensor's sharded random init only matches the full one on CUDA).
-            torch.manual_seed(t.seed)
+        # On CPU (and for a seed checkpoint) the full model is initialised from the seed, then split and
+        # sharded: every layout starts from the same weights (DTensor's sharded random init only matches
+        # the full one on CUDA, and not across pipeline stages: PP runs on CUDA start from a seed checkpoint).
+        init_full = self.device.type == "cpu" or self.job.checkpoint.create_seed_checkpoint
+        torch.manual_seed(t.seed)
+        with torch.device("cpu" if init_full else "meta"):
             model = self.spec.build_model(cfg, t.seq_len)
+        self.n_params, self.flops_per_token = self.spec.params_and_flops(model, cfg, t.seq_len)
+        if init_full:
             model.init_weights()
-            return self.spec.parallelize(model, self.dims, self.job)
-        with torch.device("meta"):
-            model = self.spec.build_model(cfg, t.seq_len)
-        model = self.spec.parallelize(model, self.dims, self.job)
-        model.to_empty(device=self.device)
-        torch.manual_seed(t.seed)  # the offset-based RNG of DTensor makes each shard its slice of the full init
-        model.init_weights(buffer_device=self.device)
-        return model
+        parts = split_for_rank(model, self.dims, self.job) if self.dims.pp_enabled else [model]
+        parts = [self.spec.parallelize(part, self.dims, self.job) for part in parts]
+        if not init_full:
+            torch.manual_seed(t.seed)  # the offset-based RNG of DTensor makes each shard its slice of the full init
+            for part in parts:
+                part.to_empty(device=self.device)
+                part.init_weights(buffer_device=self.device)
+        return parts
 
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step over this rank's micro-batches. The loss is the per-token mean over
@@ -103,6 +118,12 @@ class Trainer:
         loss_total = torch.zeros((), device=self.device)
         for inputs, labels in micro_batches:
             inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+            if self.dims.cp_enabled:  # this cp rank's head and tail chunks of every sequence
+                inputs, labels = shard_sequence(self.dims.mesh("cp"), inputs, labels)
+            if self.pipeline is not None:  # the schedule runs forward, loss and backward of its micro-batches
+                with autocast, loss_parallel() if self.loss_parallel else contextlib.nullcontext():
+                    loss_total += self.pipeline.step(inputs, labels)
+                continue
             with autocast:
                 logits = self.model(inputs)
             # with loss parallel the logits stay sharded over the vocabulary (a DTensor) and the
@@ -112,7 +133,8 @@ class Trainer:
                 loss = loss / self.local_tokens_per_step
                 loss.backward()
             loss_total += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
-        grad_norm = clip_grad_norm_(list(self.model.parameters()), self.job.training.max_norm)
+        params = [p for part in self.model_parts for p in part.parameters()]
+        grad_norm = clip_grad_norm_(params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -120,6 +142,9 @@ class Trainer:
 
     def train(self) -> None:
         t, state = self.job.training, self.state
+        if self.job.checkpoint.create_seed_checkpoint:  # step-0: the initial weights, for runs in any layout
+            self.checkpoint.save(state, seed=True)
+            return
         if state.step >= t.steps:
             logger.info(f"nothing to do: step {state.step} >= training.steps={t.steps}")
             return
@@ -131,7 +156,8 @@ class Trainer:
             loss, grad_norm = self.train_step(self.dataloader.next_step())
             state.step += 1
             state.tokens_seen += t.global_batch_size * t.seq_len
-            window_tokens += self.local_tokens_per_step
+            # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share its tokens
+            window_tokens += self.local_tokens_per_step // (self.dims.tp * self.dims.pp)
             if state.step == 1 or state.step % self.job.metrics.log_freq == 0 or state.step == t.steps:
                 now = time.perf_counter()
                 rates = throughput(window_tokens, now - window_start, self.flops_per_token, self.peak_flops)
@@ -153,6 +179,7 @@ class Trainer:
                 start = time.perf_counter()
                 self.checkpoint.save(state, last=state.step == t.steps)
                 window_start, window_tokens = time.perf_counter(), 0  # saves are not training throughput
+            preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)  # SLURM: signalled -> save, stop, requeue
 
     def _dp_mean(self, loss: torch.Tensor) -> float:
         if self.loss_group is not None:

@@ -1,4 +1,4 @@
-"""Layer 3: every data-parallel layout on 2 and 4 CPU processes (gloo) trains like one process.
+"""Layer 3: data- and tensor-parallel layouts on 2 and 4 CPU processes (gloo) train like one process.
 
 All runs see the same global batch of 8 sequences per step (the loader's stream is global), start
 from the same weights (CPU init is done on the full model, then sharded) and take the per-token mean
@@ -7,9 +7,11 @@ over the global batch, so the only difference left is the order of floating-poin
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
-from helpers import TINY, losses, run_launch
+from helpers import TINY, losses, read_metrics, run_launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -26,6 +28,12 @@ LAYOUTS = {
     "fsdp2": ["parallelism=fsdp", "cluster.nproc_per_node=2", "training.local_batch_size=4"],
     "fsdp4": ["parallelism=fsdp", "cluster.nproc_per_node=4", "training.local_batch_size=2"],
     "hsdp2x2": ["parallelism=hsdp", "cluster.nproc_per_node=4", "training.local_batch_size=2"],
+    "tp2": ["parallelism=tp", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2", "training.local_batch_size=8"],
+    "tp2_gathered_loss": [
+        "parallelism=tp", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2",
+        "training.local_batch_size=8", "parallelism.disable_loss_parallel=true",
+    ],
+    "fsdp2_tp2": ["parallelism=fsdp_tp", "cluster.nproc_per_node=4", "training.local_batch_size=4"],
     # gradient accumulation: 4 micro-batches of 2 in one process, and 2 x 2 on two FSDP ranks
     "accum4": ["training.local_batch_size=2", "training.global_batch_size=8"],
     "fsdp2_accum2": [
@@ -34,16 +42,24 @@ LAYOUTS = {
 }
 
 
+def launch_layout(root, name: str, overrides: list[str], cache_dir) -> dict[int, float]:
+    args = [
+        *TINY, *overrides, f"job.name={name}", f"data.cache_dir={cache_dir}",
+        "checkpoint.interval=5", "checkpoint.keep_latest_k=0",
+    ]
+    proc = run_launch(args, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return losses(root / "outputs" / name)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, cache_dir):
-    root = tmp_path_factory.mktemp("parity")
-    result = {}
-    for name, overrides in LAYOUTS.items():
-        args = [*TINY, *overrides, f"job.name={name}", f"data.cache_dir={cache_dir}", "checkpoint.enable=false"]
-        proc = run_launch(args, cwd=root, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        result[name] = losses(root / "outputs" / name)
-    return result
+def parity_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("parity")
+
+
+@pytest.fixture(scope="module")
+def runs(parity_root, cache_dir):
+    return {name: launch_layout(parity_root, name, overrides, cache_dir) for name, overrides in LAYOUTS.items()}
 
 
 def test_single_process_learns(runs):
@@ -58,3 +74,23 @@ def test_layout_matches_single_process(runs, layout):
     assert sorted(other) == sorted(single)
     for step in single:
         assert other[step] == pytest.approx(single[step], rel=RTOL), (layout, step, other[step], single[step])
+
+
+# Resharding: a checkpoint saved by one layout resumes in another. Model and optimizer reshard
+# through DCP; the data position is global, so the loader continues at the same window.
+RESHARD = {
+    "fsdp4_to_fsdp2_tp2": ("fsdp4", LAYOUTS["fsdp2_tp2"]),
+    "tp2_to_single": ("tp2", LAYOUTS["single"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESHARD))
+def test_resharded_resume_continues_the_run(runs, parity_root, cache_dir, case):
+    source, target_overrides = RESHARD[case]
+    shutil.copytree(parity_root / "outputs" / source, parity_root / "outputs" / case)
+    shutil.rmtree(parity_root / "outputs" / case / "checkpoint" / "step-10")
+    resumed = launch_layout(parity_root, case, target_overrides, cache_dir)  # resumes from step-5
+    steps = [m["step"] for m in read_metrics(parity_root / "outputs" / case)]
+    assert steps == list(range(1, 11)) + list(range(6, 11))
+    for step in range(6, 11):
+        assert resumed[step] == pytest.approx(runs[source][step], rel=RTOL), (case, step)

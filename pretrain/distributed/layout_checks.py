@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
 # schedules that run several stages per rank
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
+# schedules that place a rank's two stages in a V (rank r holds stages r and 2 x pp - 1 - r)
+V_SCHEDULES = ("ZBVZeroBubble",)
 
 
 def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
@@ -69,16 +71,25 @@ def check_pipeline(job: "JobConfig", dims: "ParallelDims") -> None:
             f"parallelism.pipeline_parallel_microbatch_size={p.pipeline_parallel_microbatch_size}. "
             "Fix: make the local batch a multiple of the pipeline micro-batch size."
         )
-    if p.module_fqns_per_model_part is not None:
-        n_parts = len(p.module_fqns_per_model_part)
-    else:
-        n_parts = pipeline_stage_count(job, dims)
-        usable = m.n_layers + p.pipeline_parallel_first_stage_less_layers + p.pipeline_parallel_last_stage_less_layers
-        if usable < n_parts:
-            raise ConfigError(
-                f"model.n_layers={m.n_layers} cannot fill {n_parts} pipeline stages "
-                f"(pipeline_parallel_degree={dims.pp}). Fix: use fewer stages or a model with more layers."
-            )
+    if m.tie_word_embeddings:
+        raise ConfigError(
+            "model.tie_word_embeddings=true shares one weight between the first and the last pipeline stage, "
+            f"which live on different ranks (pipeline_parallel_degree={dims.pp}). "
+            "Fix: set model.tie_word_embeddings=false, or parallelism.pipeline_parallel_degree=1."
+        )
+    for key in ("pipeline_parallel_first_stage_less_layers", "pipeline_parallel_last_stage_less_layers"):
+        if getattr(p, key) < 0:
+            raise ConfigError(f"parallelism.{key}={getattr(p, key)} must be >= 0. Fix: use 0 or more (default 1).")
+    if p.pipeline_parallel_layers_per_stage is not None and p.pipeline_parallel_layers_per_stage < 1:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_layers_per_stage={p.pipeline_parallel_layers_per_stage} must be >= 1. "
+            "Fix: set it to a positive number of layers, or null for one stage per rank."
+        )
+    n_parts = pipeline_stage_count(job, dims)
+    if p.module_fqns_per_model_part is None:
+        pipeline_layers_per_stage(
+            m.n_layers, n_parts, p.pipeline_parallel_first_stage_less_layers, p.pipeline_parallel_last_stage_less_layers
+        )
     if n_parts % dims.pp:
         raise ConfigError(
             f"{n_parts} pipeline stages do not divide evenly over pipeline_parallel_degree={dims.pp}. "
@@ -96,6 +107,55 @@ def check_pipeline(job: "JobConfig", dims: "ParallelDims") -> None:
             f"parallelism.pipeline_parallel_schedule={p.pipeline_parallel_schedule} runs one stage per rank, "
             f"but the split gives {per_rank} stages per rank. Fix: use Interleaved1F1B, or one stage per rank."
         )
+    if per_rank != 2 and p.pipeline_parallel_schedule in V_SCHEDULES:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule={p.pipeline_parallel_schedule} places exactly two stages per "
+            f"rank (a V), but the split gives {per_rank}. Fix: set pipeline_parallel_layers_per_stage to null "
+            f"(two stages per rank), or give {2 * dims.pp} explicit FQN lists."
+        )
+    check_microbatches(p.pipeline_parallel_schedule, t.local_batch_size // p.pipeline_parallel_microbatch_size, dims.pp)
+
+
+def check_microbatches(schedule: str, n_microbatches: int, pp: int) -> None:
+    """The micro-batch counts torch's schedules accept (they raise deep inside the ranks otherwise)."""
+    fix = (
+        "Fix: raise training.local_batch_size or lower parallelism.pipeline_parallel_microbatch_size "
+        "(micro-batches = local_batch_size / pipeline_parallel_microbatch_size)."
+    )
+    if schedule == "1F1B" and n_microbatches < pp:
+        raise ConfigError(
+            f"the 1F1B schedule needs at least as many micro-batches as stages: {n_microbatches} micro-batches "
+            f"for pipeline_parallel_degree={pp}. {fix}"
+        )
+    if schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
+        rounds = max(1, n_microbatches // pp)
+        if n_microbatches % rounds:
+            raise ConfigError(
+                f"the {schedule} schedule runs micro-batches in rounds of pipeline_parallel_degree={pp}: "
+                f"{n_microbatches} micro-batches is not a multiple of {rounds} rounds. "
+                f"Use fewer than {2 * pp} micro-batches or a multiple of {pp}. {fix}"
+            )
+
+
+def pipeline_layers_per_stage(n_layers: int, n_stages: int, first_less: int = 1, last_less: int = 1) -> list[int]:
+    """Transformer blocks per stage. The first stage counts as holding `first_less` more blocks (for the
+    embedding) and the last `last_less` more (for the norm and output); the total is spread evenly, the
+    earlier stages taking the remainder (torchtitan's `generate_llm_fqn_per_model_part`). 1 stage: all."""
+    if n_stages == 1:
+        return [n_layers]
+    total = n_layers + first_less + last_less
+    base, extra = divmod(total, n_stages)
+    counts = [base + (i < extra) for i in range(n_stages)]
+    counts[0] -= first_less
+    counts[-1] -= last_less
+    if base < 1 or min(counts) < 0:
+        raise ConfigError(
+            f"model.n_layers={n_layers} cannot be split into {n_stages} pipeline stages with the first stage "
+            f"holding {first_less} and the last {last_less} fewer layers (each stage gets about {total / n_stages:.2g} "
+            "layer slots). Fix: use fewer stages (pipeline_parallel_degree / pipeline_parallel_layers_per_stage), "
+            "lower pipeline_parallel_first_stage_less_layers / last_stage_less_layers, or a model with more layers."
+        )
+    return counts
 
 
 def pipeline_stage_count(job: "JobConfig", dims: "ParallelDims") -> int:

@@ -43,8 +43,11 @@ def set_cpu_threads(device: torch.device) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all ranks (sharded DTensor grads included); clips when max_norm > 0.
+def clip_grad_norm_(
+    params: list[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
+    """Total gradient norm over all ranks (sharded DTensor grads included; with pipeline stages, the
+    squared norms of all stages are summed over `pp_group`); clips when max_norm > 0.
     Returns a plain tensor holding the norm before clipping."""
     from torch.distributed.tensor import DTensor
 
@@ -52,6 +55,10 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
     total = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(total, DTensor):  # a partial norm per shard: full_tensor() reduces it
         total = total.full_tensor()
+    if pp_group is not None:  # each pp rank holds other parameters: add the squares
+        total = total**2
+        dist.all_reduce(total, group=pp_group)
+        total = total.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
