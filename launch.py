@@ -24,6 +24,10 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if job.dry_run:
+        from pretrain.dry_run import dry_run
+
+        return dry_run(job)
     from pretrain.launcher import launch
 
     code = launch(job)

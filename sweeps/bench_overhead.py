@@ -31,7 +31,9 @@ def run_launch(seq_len: int, batch: int, steps: int, warmup: int, workdir: str) 
         f"training.seq_len={seq_len}", f"training.local_batch_size={batch}", f"training.steps={steps}",
         f"metrics.log_freq={warmup}", "checkpoint.enable=false",
     ]
-    subprocess.run(cmd, cwd=workdir, check=True, capture_output=True)
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"launch.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     # each row's tokens_per_s covers the steps since the previous row; skip windows within the warm-up

@@ -12,7 +12,7 @@ from pretrain.config import ConfigError, JobConfig, resolve
 GROUPS = ("model", "parallelism", "float8", "data", "cluster")
 # What an option needs beside itself to be a valid run on its own: every parallelism preset's
 # defaults are made for 4 processes.
-NEEDS = {"parallelism": ["cluster.nproc_per_node=4"]}
+NEEDS = {"parallelism": ["cluster.nproc_per_node=4"], "cluster": ["parallelism=fsdp"]}
 
 
 def all_options():
@@ -56,6 +56,28 @@ BAD = [
     (["parallelism.expert_parallel_degree=2"], "parallelism.expert_parallel_degree"),
     (["parallelism.tensor_parallel_degree=3", "cluster.nproc_per_node=3"], "model.n_heads=16"),
     (["model.n_heads=7"], "model.n_heads"),
+    # parallel layouts that cannot work (issue: 4D); each is refused before anything starts
+    (["model=llama3_8b", "parallelism.tensor_parallel_degree=16", "cluster.nproc_per_node=16"], "model.n_kv_heads=8"),
+    (["parallelism=fsdp", "parallelism.tensor_parallel_degree=3", "cluster.nproc_per_node=4"], "not divisible by the other degrees"),
+    (["parallelism.data_parallel_shard_degree=2", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=8"],
+     "do not fill the world"),
+    (["parallelism.tensor_parallel_degree=0"], "parallelism.tensor_parallel_degree=0"),
+    (["parallelism.context_parallel_degree=2", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=4",
+      "training.seq_len=100"], "training.seq_len=100"),
+    (["parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2", "training.seq_len=255"], "training.seq_len=255"),
+    (["parallelism.pipeline_parallel_degree=8", "cluster.nproc_per_node=8", "model.n_layers=2"], "model.n_layers=2"),
+    (["parallelism.pipeline_parallel_degree=2", "cluster.nproc_per_node=2", "training.local_batch_size=3",
+      "parallelism.pipeline_parallel_microbatch_size=2"], "pipeline_parallel_microbatch_size=2"),
+    (["parallelism.pipeline_parallel_schedule=Foo"], "parallelism.pipeline_parallel_schedule"),
+    (["parallelism.pipeline_parallel_degree=2", "cluster.nproc_per_node=2",
+      "parallelism.pipeline_parallel_schedule=Interleaved1F1B", "parallelism.pipeline_parallel_layers_per_stage=4"],
+     "Interleaved1F1B"),
+    (["parallelism.pipeline_parallel_degree=2", "cluster.nproc_per_node=2",
+      "parallelism.pipeline_parallel_schedule=1F1B", "parallelism.pipeline_parallel_layers_per_stage=1"],
+     "stages per rank"),
+    (["parallelism.enable_async_tensor_parallel=true"], "parallelism.enable_async_tensor_parallel"),
+    (["parallelism.context_parallel_method=ulysses"], "parallelism.context_parallel_method"),
+    (["checkpoint.create_seed_checkpoint=true", "parallelism=fsdp", "cluster.nproc_per_node=2"], "create_seed_checkpoint"),
     (["model.n_kv_heads=5"], "model.n_kv_heads"),
     (["lr_scheduler.decay_type=step"], "lr_scheduler.decay_type"),
     (["training.mixed_precision_param=fp8"], "training.mixed_precision_param"),
