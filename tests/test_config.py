@@ -10,8 +10,8 @@ from helpers import CONF, REPO, compose, run_launch
 from pretrain.config import ConfigError, JobConfig, resolve
 
 GROUPS = ("model", "parallelism", "float8", "data", "cluster")
-# What an option needs beside itself to be a valid run on its own: every parallelism preset's
-# defaults are made for 4 processes.
+# What an option needs beside itself to be a valid run on its own: the parallelism presets' defaults
+# are made for 4 processes (the 4D one for 8).
 NEEDS = {"parallelism": ["cluster.nproc_per_node=4"], "cluster": ["parallelism=fsdp"]}
 
 
@@ -26,6 +26,8 @@ def all_options():
 def test_every_option_composes_and_validates(option, tmp_path):
     group, name = option.split("/")
     overrides = [f"{group}={name}", *(NEEDS.get(group, []) if name != "single" else [])]
+    if option == "parallelism/fsdp_tp_pp_cp":  # four axes of 2 need 8 ranks
+        overrides.append("cluster.nproc_per_node=8")
     if option == "data/local":
         (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
         overrides.append(f"data.data_files=[{tmp_path}/*.jsonl]")
@@ -77,7 +79,6 @@ BAD = [
      "stages per rank"),
     (["parallelism.enable_async_tensor_parallel=true"], "parallelism.enable_async_tensor_parallel"),
     (["parallelism.context_parallel_method=ulysses"], "parallelism.context_parallel_method"),
-    (["checkpoint.create_seed_checkpoint=true", "parallelism=fsdp", "cluster.nproc_per_node=2"], "create_seed_checkpoint"),
     (["model.n_kv_heads=5"], "model.n_kv_heads"),
     (["lr_scheduler.decay_type=step"], "lr_scheduler.decay_type"),
     (["training.mixed_precision_param=fp8"], "training.mixed_precision_param"),
@@ -138,3 +139,11 @@ def test_help_lists_groups_and_cfg_prints_config(tmp_path):
     assert "dim: 4096" in proc.stdout
     assert not (tmp_path / "outputs").exists()
     assert (REPO / "launch.py").stat().st_size < 4000
+
+
+def test_seed_checkpoint_runs_on_one_process_whatever_the_recipe():
+    job = resolve(compose(["experiment=llama3_405b_4d", "checkpoint.create_seed_checkpoint=true", "model.hf_assets_path=''"]))
+    p = job.parallelism
+    assert job.world_size == 1 and job.cluster.name == "local"
+    assert (p.data_parallel_shard_degree, p.tensor_parallel_degree, p.pipeline_parallel_degree) == (1, 1, 1)
+    assert job.model.n_layers == 126  # the model is the recipe's

@@ -239,11 +239,11 @@ def test_local_files_explicit_builder_and_wrong_field(tmp_path, tokenizer):
 
 def test_unreachable_hub_says_so_and_suggests_a_local_directory(tmp_path):
     script = (
-        "from pretrain.config import DataConfig\n"
+        "from pretrain.config import ConfigError, DataConfig\n"
         "from pretrain.data.dataset import open_text_stream\n"
         "try:\n"
         "    open_text_stream(DataConfig(path='allenai/c4', data_files=['en/c4-train.*-of-01024.json.gz']))\n"
-        "except RuntimeError as e:\n"
+        "except ConfigError as e:\n"
         "    print(e)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2")

@@ -176,6 +176,8 @@ RUNS = {
         "parallelism=fsdp_pp", "cluster.nproc_per_node=4", "training.local_batch_size=4", "training.seed=1",
         "checkpoint.enable=true", "checkpoint.interval=100",
     ],
+    # 4D on 8 processes: FSDP (over dp_shard x cp = 2) x TP 2 x PP 2 x CP 2, the fsdp_tp_pp_cp preset
+    "4d": ["parallelism=fsdp_tp_pp_cp", "cluster.nproc_per_node=8", "training.local_batch_size=8"],
 }
 # runs that start from another run's checkpoint: name -> (that run, its step)
 STARTS_FROM = {"ZBVZeroBubble": ("single", 3)}

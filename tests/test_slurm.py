@@ -205,8 +205,11 @@ def test_failing_task_is_a_failed_job_with_its_error(slurm_env, tmp_path, cache_
     assert "JSON parse error" in (tmp_path / "outputs" / "bad" / "error.txt").read_text()
 
 
-def _job_count(env: dict) -> int:
-    out = subprocess.run(["sacct", "-a", "-X", "-n", "-S", "2000-01-01", "-o", "JobID"], env=env, capture_output=True, text=True)
+def _job_count(env: dict, name: str) -> int:
+    """Jobs of this name SLURM ever accepted (by name: other tests' records reach sacct late)."""
+    out = subprocess.run(
+        ["sacct", "-a", "-X", "-n", "-S", "2000-01-01", "--name", name, "-o", "JobID"], env=env, capture_output=True, text=True
+    )
     return len(out.stdout.split())
 
 
@@ -219,10 +222,9 @@ def _job_count(env: dict) -> int:
     ],
 )
 def test_request_slurm_cannot_run_is_refused_before_submission(slurm_env, tmp_path, overrides, message):
-    before = _job_count(slurm_env)
     proc = launch([*TINY, *SLURM, *overrides, "job.name=refused"], tmp_path, slurm_env, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "SLURM refuses the request" in proc.stderr and message in proc.stderr
     assert "Partitions here: debug" in proc.stderr and "Fix:" in proc.stderr
     assert not (tmp_path / "outputs" / "refused" / ".submitit").exists()
-    assert _job_count(slurm_env) == before
+    assert _job_count(slurm_env, "refused") == 0 and not jobs_named("refused", slurm_env)

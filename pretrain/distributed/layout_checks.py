@@ -49,11 +49,7 @@ def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
         )
     if dims.pp_enabled or p.pipeline_parallel_schedule != "1F1B":
         check_pipeline(job, dims)
-    if job.checkpoint.create_seed_checkpoint and dims.world_size != 1:
-        raise ConfigError(
-            f"checkpoint.create_seed_checkpoint=true runs on one process (world size is {dims.world_size}). "
-            "Fix: add cluster.nproc_per_node=1 parallelism=single."
-        )
+
 
 
 def check_pipeline(job: "JobConfig", dims: "ParallelDims") -> None:
