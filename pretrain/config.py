@@ -145,6 +145,7 @@ class TrainingConfig:
     steps: int = 10000  # optimizer steps to train
     seed: int = 0  # seed for weight init
     deterministic: bool = False  # use deterministic algorithms (bitwise-repeatable on CPU)
+    gc_freq: int = 50  # run Python's garbage collector every this many steps, not at random pauses; 0 = automatic
     mixed_precision_param: str = "auto"  # auto | bfloat16 | float32: compute dtype of params (auto: bf16 on CUDA, fp32 on CPU)
     mixed_precision_reduce: str = "float32"  # float32 | bfloat16: gradient reduce dtype
 

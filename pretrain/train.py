@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 
@@ -149,12 +150,17 @@ class Trainer:
             logger.info(f"nothing to do: step {state.step} >= training.steps={t.steps}")
             return
         logger.info(f"training from step {state.step} to {t.steps}")
+        if t.gc_freq > 0:  # a full collection walks every object (Hydra, datasets, Aim...): do it on our schedule
+            gc.collect()
+            gc.disable()
         start = window_start = time.perf_counter()
         window_tokens = 0
         while state.step < t.steps:
             lr = self.lr_scheduler.get_last_lr()[0]
             loss, grad_norm = self.train_step(self.dataloader.next_step())
             state.step += 1
+            if t.gc_freq > 0 and state.step % t.gc_freq == 0:
+                gc.collect(1)
             state.tokens_seen += t.global_batch_size * t.seq_len
             # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share its tokens
             window_tokens += self.local_tokens_per_step // (self.dims.tp * self.dims.pp)
