@@ -95,6 +95,14 @@ def test_embedded_corpus_is_real_prose_in_a_fixed_order():
     assert len(set(docs)) == len(docs)
 
 
+def test_embedded_corpus_cache_on_disk_gives_the_same_documents(tmp_path):
+    built = embedded_documents(str(tmp_path))  # parses the standard library, writes the cache
+    (cache_file,) = tmp_path.glob("embedded_corpus_*.json")
+    assert json.loads(cache_file.read_text()) == built == embedded_documents()
+    embedded_documents.cache_clear()
+    assert embedded_documents(str(tmp_path)) == built  # read back from the file
+
+
 # -- tokenizers ---------------------------------------------------------------------------------------
 
 

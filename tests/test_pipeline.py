@@ -176,6 +176,8 @@ RUNS = {
         "parallelism=fsdp_pp", "cluster.nproc_per_node=4", "training.local_batch_size=4", "training.seed=1",
         "checkpoint.enable=true", "checkpoint.interval=100",
     ],
+    # 3D on 4 processes: the fsdp_tp_pp preset (dp_shard 1 x tp 2 x pp 2), loss parallel on the last stage
+    "fsdp_tp_pp": ["parallelism=fsdp_tp_pp", "cluster.nproc_per_node=4", "training.local_batch_size=8"],
     # 4D on 8 processes: FSDP (over dp_shard x cp = 2) x TP 2 x PP 2 x CP 2, the fsdp_tp_pp_cp preset
     "4d": ["parallelism=fsdp_tp_pp_cp", "cluster.nproc_per_node=8", "training.local_batch_size=8"],
 }

@@ -38,7 +38,7 @@ def open_text_stream(data: DataConfig) -> "datasets.IterableDataset":
         from pretrain.data.embedded import embedded_documents
 
         text_column = "text"
-        stream = datasets.Dataset.from_dict({"text": embedded_documents()})
+        stream = datasets.Dataset.from_dict({"text": embedded_documents(data.cache_dir)})
     elif data.path in FILE_BUILDERS:
         builder = _builder_for(data)
         options = {}

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import ast
 import functools
+import hashlib
+import json
 import os
+import sys
 import sysconfig
 
 MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly one-liners ("Return x."), poor prose
@@ -20,9 +23,29 @@ _DOCUMENTED_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctio
 
 
 @functools.cache
-def embedded_documents() -> list[str]:
-    """Every document of the corpus, in a fixed order, duplicates dropped. Computed once per process
-    (~1.5-3 s on one core); the list is shared between callers: do not mutate it."""
+def embedded_documents(cache_dir: str | None = None) -> list[str]:
+    """Every document of the corpus, in a fixed order, duplicates dropped. Parsing the standard library
+    takes ~1.5-4 s on one core, once per process, or once per Python install with `cache_dir` (every
+    rank of a run would parse it otherwise). The list is shared between callers: do not mutate it."""
+    if cache_dir is None:
+        return _build()
+    key = hashlib.sha256(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{MIN_DOCSTRING_CHARS}".encode()).hexdigest()
+    path = os.path.join(os.path.expanduser(cache_dir), f"embedded_corpus_{key[:16]}.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass  # not built yet, or a torn file: build it
+    documents = _build()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(documents, f)
+    os.replace(tmp, path)  # atomic: ranks building at once write the same content
+    return documents
+
+
+def _build() -> list[str]:
     return list(dict.fromkeys(_reference_topics() + _stdlib_docstrings()))  # dict keeps first occurrences in order
 
 
