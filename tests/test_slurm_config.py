@@ -238,7 +238,11 @@ def sweep_points(name: str, overrides: list[str]) -> list[tuple[list[str], objec
 
 def test_sweep_definitions_use_existing_keys_and_flag_invalid_points():
     on_8_gpus = ["cluster=slurm", "cluster.partition=p", "parallelism=fsdp"]
-    sweeps = {name: sweep_points(name, on_8_gpus) for name in sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))}
+    local_only = {"layouts_cpu4"}  # pins cluster.nproc_per_node=4 on this machine
+    sweeps = {
+        name: sweep_points(name, [] if name in local_only else on_8_gpus)
+        for name in sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml"))
+    }
     assert {"dp_degrees", "batch_size", "float8"} <= set(sweeps)
     for name, points in sweeps.items():
         valid = [o for o, r in points if not isinstance(r, ConfigError)]
