@@ -32,7 +32,7 @@ def launch(job: JobConfig) -> int:
 
     from pretrain.train import main
 
-    # The agent logs every worker failure with its own traceback; we print one summary below
+    # torchelastic's agent logs every worker failure with its own traceback; we print one summary below
     # (the failed rank's full traceback included, except for user errors that carry their fix).
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
