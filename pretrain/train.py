@@ -65,6 +65,7 @@ class Trainer:
         if self.dims.pp_enabled:
             self.pipeline = Pipeline(self.model_parts, self.dims, job, self.device, self.local_tokens_per_step)
         self.model = None if self.pipeline else self.model_parts[0]
+        self.params = [p for part in self.model_parts for p in part.parameters()]  # clipped every step
         self.optimizer = build_optimizer(nn.ModuleList(self.model_parts), job.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(
@@ -134,8 +135,7 @@ class Trainer:
                 loss = loss / self.local_tokens_per_step
                 loss.backward()
             loss_total += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
-        params = [p for part in self.model_parts for p in part.parameters()]
-        grad_norm = clip_grad_norm_(params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None)
+        grad_norm = clip_grad_norm_(self.params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None)
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
