@@ -76,8 +76,38 @@ class ParallelismConfig:
 
 @dataclass
 class Float8Config:
-    enable: bool = False  # convert linear layers to torchao float8 training
+    enable: bool = False  # convert linear layers to torchao float8 training (conf/float8: off, tensorwise, rowwise, ...)
     recipe_name: str = "tensorwise"  # torchao recipe: tensorwise | rowwise | rowwise_with_gw_hp
+    enable_fsdp_float8_all_gather: bool = False  # tensorwise + FSDP: all-gather weights in float8 (half the bytes of bf16)
+    precompute_float8_dynamic_scale_for_fsdp: bool = False  # with float8 all-gather: one fused amax for all weights after each optimizer step
+    filter_fqns: list[str] = field(default_factory=lambda: ["output"])  # linear layers whose name contains one of these stay in high precision; "auto_filter_small_kn" also skips layers too small to gain
+    emulate: bool = False  # float8 math emulated in high precision (for testing); CPU always emulates
+
+
+@dataclass
+class CompileConfig:
+    enable: bool = False  # torch.compile the components below (inductor; needs a C++ compiler on CPU)
+    components: list[str] = field(default_factory=lambda: ["model", "loss"])  # of: model (each transformer block, fullgraph), loss
+    backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager (the last two for debugging)
+
+
+@dataclass
+class ActivationCheckpointConfig:
+    mode: str = "none"  # none | full | selective | memory_budget (memory_budget needs compile)
+    selective_ac_option: str = "op"  # selective mode: "op" (per-op save list) or N as a string/int (checkpoint every N-th block)
+    memory_budget: float = 0.5  # memory_budget mode: fraction of activation memory the compiler may keep (0 = recompute all, 1 = keep all)
+    preserve_rng_state: bool = False  # restore the RNG state on recompute (only models with dropout need it)
+
+
+@dataclass
+class ProfilingConfig:
+    enable_profiling: bool = False  # torch.profiler traces every profile_freq steps into <run_dir>/<save_traces_folder>
+    save_traces_folder: str = "profile_traces"  # inside the run directory; one subfolder per profiled step
+    profile_freq: int = 10  # steps between traces
+    profiler_warmup: int = 3  # steps the profiler warms up before each active window
+    profiler_active: int = 1  # steps recorded in each trace
+    enable_memory_snapshot: bool = False  # CUDA only: dump the allocator history (pickle for pytorch.org/memory_viz)
+    save_memory_snapshot_folder: str = "memory_snapshot"  # inside the run directory
 
 
 @dataclass
@@ -177,6 +207,8 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     float8: Float8Config = field(default_factory=Float8Config)
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    activation_checkpoint: ActivationCheckpointConfig = field(default_factory=ActivationCheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -184,6 +216,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     dry_run: bool = False  # build everything on a fake process group at the full world size, print per-rank memory, exit
 
     @property
@@ -240,6 +273,7 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
 def validate(job: JobConfig) -> None:
     """Cross-field rules, checked before any process starts. Raises ConfigError."""
     from pretrain.distributed.layout_checks import check_layout
+    from pretrain.feature_checks import check_features
     from pretrain.distributed.parallel_dims import ParallelDims
     from pretrain.models import FAMILIES
 
@@ -272,10 +306,7 @@ def validate(job: JobConfig) -> None:
         job.parallelism.fsdp_reshard_after_forward,
         ("default", "always", "never"),
     )
-    if job.float8.enable:
-        raise ConfigError(
-            "float8.enable=true is not available in this version. Fix: use float8=off (the default)."
-        )
+    check_features(job, dims)
 
     for key in ("local_batch_size", "seq_len", "steps"):
         _positive(f"training.{key}", getattr(t, key))

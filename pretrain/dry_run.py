@@ -18,6 +18,7 @@ from torch import nn
 from pretrain.config import JobConfig
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
+from pretrain.float8 import convert_to_float8
 from pretrain.models import get_model_spec
 
 GIB = 1024**3
@@ -87,6 +88,7 @@ def dry_run(job: JobConfig) -> None:
         with torch.device("meta"):
             model = spec.build_model(job.model, job.training.seq_len)
         n_params, flops = spec.params_and_flops(model, job.model, job.training.seq_len)
+        convert_to_float8(model, job.float8, device_type)
         parts = build_parts(spec, model, dims, job)
         mem = measure(job, dims, parts, device_type)
     finally:

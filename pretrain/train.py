@@ -9,7 +9,6 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -26,7 +25,9 @@ from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.pipeline import Pipeline, split_for_rank
 from pretrain.distributed.utils import clip_grad_norm_, init_distributed, pick_device, set_cpu_threads
+from pretrain.float8 import convert_to_float8, precompute_float8_scales
 from pretrain.log import init_logging, is_rank0, logger
+from pretrain.loss import build_loss_fn, per_step_loss
 from pretrain.metrics import MetricsLogger, memory_gib, peak_flops, throughput
 from pretrain.models import get_model_spec
 from pretrain.optim import build_lr_scheduler, build_optimizer
@@ -61,9 +62,10 @@ class Trainer:
         self.local_tokens_per_step = t.global_batch_size // self.dims.dp * t.seq_len // self.dims.cp
         self.spec = get_model_spec(job.model.name)
         self.model_parts = self._build_model()  # the whole model, or this rank's pipeline stages
+        self.loss_fn = per_step_loss(build_loss_fn(job.compile, self.loss_parallel), self.local_tokens_per_step)
         self.pipeline = None
         if self.dims.pp_enabled:
-            self.pipeline = Pipeline(self.model_parts, self.dims, job, self.device, self.local_tokens_per_step)
+            self.pipeline = Pipeline(self.model_parts, self.dims, job, self.device, self.loss_fn)
         self.model = None if self.pipeline else self.model_parts[0]
         self.params = [p for part in self.model_parts for p in part.parameters()]  # clipped every step
         self.optimizer = build_optimizer(nn.ModuleList(self.model_parts), job.optimizer)
@@ -101,6 +103,7 @@ class Trainer:
         self.n_params, self.flops_per_token = self.spec.params_and_flops(model, cfg, t.seq_len)
         if init_full:
             model.init_weights()
+        convert_to_float8(model, self.job.float8, self.device.type)
         parts = split_for_rank(model, self.dims, self.job) if self.dims.pp_enabled else [model]
         parts = [self.spec.parallelize(part, self.dims, self.job) for part in parts]
         if not init_full:
@@ -131,12 +134,12 @@ class Trainer:
             # with loss parallel the logits stay sharded over the vocabulary (a DTensor) and the
             # cross-entropy reduces across TP ranks itself; backward must run in the same context
             with loss_parallel() if self.loss_parallel else contextlib.nullcontext():
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
-                loss = loss / self.local_tokens_per_step
+                loss = self.loss_fn(logits, labels)
                 loss.backward()
             loss_total += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
         grad_norm = clip_grad_norm_(self.params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None)
         self.optimizer.step()
+        precompute_float8_scales(self.model_parts, self.job.float8)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, grad_norm

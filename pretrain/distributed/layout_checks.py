@@ -28,11 +28,6 @@ def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
                     f"model.{key}={heads} is not divisible by parallelism.tensor_parallel_degree={dims.tp}: "
                     f"each TP rank must hold whole heads. Fix: use a tensor_parallel_degree that divides {heads}."
                 )
-    if p.enable_async_tensor_parallel:
-        raise ConfigError(
-            "parallelism.enable_async_tensor_parallel=true needs torch.compile and CUDA, and compile is not "
-            "available in this version. Fix: set parallelism.enable_async_tensor_parallel=false."
-        )
     # sequence parallel splits T over tp; load-balanced CP splits it into 2 x cp chunks, each over tp
     seq_factor = 2 * dims.cp * dims.tp if dims.cp_enabled else dims.tp
     if t.seq_len % seq_factor:

@@ -14,13 +14,11 @@ micro-batch losses add up to the per-token mean exactly as gradient accumulation
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -31,6 +29,7 @@ from pretrain.log import logger
 if TYPE_CHECKING:
     from pretrain.config import JobConfig
     from pretrain.distributed.parallel_dims import ParallelDims
+    from pretrain.loss import LossFn
 
 
 def model_sections(model: nn.Module) -> tuple[list[str], list[str], list[str]]:
@@ -138,11 +137,6 @@ def split_for_rank(
     return [split_model(model, stages[i]) for i in _stage_ids(dims, job, pp_rank)]
 
 
-def token_sum_loss(logits: torch.Tensor, labels: torch.Tensor, tokens_per_step: int) -> torch.Tensor:
-    """sum(CE) / tokens of this rank's optimizer step: micro-batches then add up to the per-token mean."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum") / tokens_per_step
-
-
 def schedule_class(name: str) -> type:
     """torch's schedule class of that name; a clear error where the installed torch lacks it."""
     from torch.distributed.pipelining.schedules import get_schedule_class
@@ -161,7 +155,7 @@ class Pipeline:
     (forward, loss on the last stage, backward), split into micro-batches by the schedule."""
 
     def __init__(
-        self, parts: list[nn.Module], dims: "ParallelDims", job: "JobConfig", device: torch.device, tokens_per_step: int
+        self, parts: list[nn.Module], dims: "ParallelDims", job: "JobConfig", device: torch.device, loss_fn: "LossFn"
     ):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle
@@ -181,7 +175,7 @@ class Pipeline:
             self.schedule = cls(
                 stages[0] if single else stages,
                 n_microbatches=n_microbatches,
-                loss_fn=functools.partial(token_sum_loss, tokens_per_step=tokens_per_step),
+                loss_fn=loss_fn,  # sum(CE) / tokens of this rank's optimizer step
                 scale_grads=False,  # the loss is already divided by the tokens of the whole step
             )
         except ValueError as e:  # a micro-batch count or stage placement this torch's schedule refuses
