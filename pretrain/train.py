@@ -28,9 +28,10 @@ from pretrain.distributed.utils import clip_grad_norm_, init_distributed, pick_d
 from pretrain.float8 import convert_to_float8, precompute_float8_scales
 from pretrain.log import init_logging, is_rank0, logger
 from pretrain.loss import build_loss_fn, per_step_loss
-from pretrain.metrics import MetricsLogger, memory_gib, peak_flops, throughput
+from pretrain.metrics import MetricsLogger, cuda_memory_stats, memory_gib, peak_flops, throughput
 from pretrain.models import get_model_spec
 from pretrain.optim import build_lr_scheduler, build_optimizer
+from pretrain.profiling import profile_steps
 
 
 class Trainer:
@@ -90,6 +91,9 @@ class Trainer:
             f"{t.global_batch_size // (t.local_batch_size * self.dims.dp)} micro-step(s) | "
             f"peak {self.peak_flops / 1e12:.3g} TFLOP/s ({peak_source}) | run dir {job.job.run_dir}"
         )
+        if job.float8.enable:
+            logger.info("float8: MFU is reported against the bf16 peak above (torchtitan's convention), "
+                        "not the float8 peak, so it compares with bf16 runs")
 
     def _build_model(self) -> list[nn.Module]:
         cfg, t = self.job.model, self.job.training
@@ -153,42 +157,52 @@ class Trainer:
             logger.info(f"nothing to do: step {state.step} >= training.steps={t.steps}")
             return
         logger.info(f"training from step {state.step} to {t.steps}")
+        self.first_step = state.step + 1
         if t.gc_freq > 0:  # a full collection walks every object (Hydra, datasets, Aim...): do it on our schedule
             gc.collect()
             gc.disable()
         start = window_start = time.perf_counter()
         window_tokens = 0
-        while state.step < t.steps:
-            lr = self.lr_scheduler.get_last_lr()[0]
-            loss, grad_norm = self.train_step(self.dataloader.next_step())
-            state.step += 1
-            if t.gc_freq > 0 and state.step % t.gc_freq == 0:
-                gc.collect(1)
-            state.tokens_seen += t.global_batch_size * t.seq_len
-            # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share its tokens
-            window_tokens += self.local_tokens_per_step // (self.dims.tp * self.dims.pp)
-            if state.step == 1 or state.step % self.job.metrics.log_freq == 0 or state.step == t.steps:
-                now = time.perf_counter()
-                rates = throughput(window_tokens, now - window_start, self.flops_per_token, self.peak_flops)
-                self.metrics.log(
-                    state.step,
-                    {
-                        "loss": self._dp_mean(loss),
-                        "grad_norm": grad_norm.item(),
-                        "lr": lr,
-                        **rates,
-                        "memory_gib": memory_gib(self.device),
-                        "elapsed_s": state.elapsed_s + now - start,
-                        "tokens_seen": state.tokens_seen,
-                    },
-                )
-                window_start, window_tokens = time.perf_counter(), 0
-            if self.checkpoint.should_save(state.step, t.steps):
-                state.elapsed_s += time.perf_counter() - start
-                start = time.perf_counter()
-                self.checkpoint.save(state, last=state.step == t.steps)
-                window_start, window_tokens = time.perf_counter(), 0  # saves are not training throughput
-            preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)  # SLURM: signalled -> save, stop, requeue
+        rank = dist.get_rank()
+        with profile_steps(self.job.profiling, self.job.job.run_dir, rank, self.device, state.step) as profiler:
+            while state.step < t.steps:
+                lr = self.lr_scheduler.get_last_lr()[0]
+                loss, grad_norm = self.train_step(self.dataloader.next_step())
+                state.step += 1
+                profiler.step()
+                if t.gc_freq > 0 and state.step % t.gc_freq == 0:
+                    gc.collect(1)
+                state.tokens_seen += t.global_batch_size * t.seq_len
+                # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share its tokens
+                window_tokens += self.local_tokens_per_step // (self.dims.tp * self.dims.pp)
+                if state.step == 1 or state.step % self.job.metrics.log_freq == 0 or state.step == t.steps:
+                    now = time.perf_counter()
+                    self._log_step(state, loss, grad_norm, lr, window_tokens, now - window_start, now - start)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if self.checkpoint.should_save(state.step, t.steps):
+                    state.elapsed_s += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.checkpoint.save(state, last=state.step == t.steps)
+                    window_start, window_tokens = time.perf_counter(), 0  # saves are not training throughput
+                preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)  # SLURM: save, stop, requeue
+
+    def _log_step(self, state, loss, grad_norm, lr: float, tokens: int, seconds: float, since_start: float) -> None:
+        if state.step == self.first_step:  # compile, allocator and cache warm-up: not steady state
+            logger.info(f"first step took {seconds:.1f}s (warm-up{', compile included' if self.job.compile.enable else ''}); "
+                        "throughput is steady from the next logged step")
+        self.metrics.log(
+            state.step,
+            {
+                "loss": self._dp_mean(loss),
+                "grad_norm": grad_norm.item(),
+                "lr": lr,
+                **throughput(tokens, seconds, self.flops_per_token, self.peak_flops),
+                "memory_gib": memory_gib(self.device),
+                **cuda_memory_stats(self.device),
+                "elapsed_s": state.elapsed_s + since_start,
+                "tokens_seen": state.tokens_seen,
+            },
+        )
 
     def _dp_mean(self, loss: torch.Tensor) -> float:
         if self.loss_group is not None:
