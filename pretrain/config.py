@@ -191,6 +191,9 @@ class CheckpointConfig:
     last_save_model_only: bool = False  # the final checkpoint holds model weights only (for inference/export)
     create_seed_checkpoint: bool = False  # write step-0 (initial weights) and exit; run with all degrees 1 on one process
     export_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of a model-only final checkpoint
+    initial_load_path: str = ""  # a fresh run (no checkpoint of its own yet) starts from this checkpoint: a DCP step directory, or an HF model directory with initial_load_in_hf
+    initial_load_model_only: bool = True  # from initial_load_path take the model weights only (not optimizer, schedule, data position)
+    initial_load_in_hf: bool = False  # initial_load_path is an HF model directory (safetensors + config.json)
 
 
 @dataclass
