@@ -24,6 +24,11 @@ class ConfigError(ValueError):
     """A user error in the config: the message names the key, the value and a fix."""
 
 
+class TrainingHalted(ConfigError):
+    """The run stopped itself on purpose (e.g. a non-finite loss): the message says at which step, what
+    was kept and how to go on. Exits with code 3."""
+
+
 @dataclass
 class JobSection:
     name: str = "default"  # run name; the run directory is <dump_folder>/<name> (sweeps add the overrides)
@@ -178,6 +183,7 @@ class TrainingConfig:
     gc_freq: int = 50  # run Python's garbage collector every this many steps, not at random pauses; 0 = automatic
     mixed_precision_param: str = "auto"  # auto | bfloat16 | float32: compute dtype of params (auto: bf16 on CUDA, fp32 on CPU)
     mixed_precision_reduce: str = "float32"  # float32 | bfloat16: gradient reduce dtype
+    on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: stop (exit 3, nothing saved of that step) | skip (drop that step's update)
 
 
 @dataclass
@@ -194,6 +200,12 @@ class CheckpointConfig:
     initial_load_path: str = ""  # a fresh run (no checkpoint of its own yet) starts from this checkpoint: a DCP step directory, or an HF model directory with initial_load_in_hf
     initial_load_model_only: bool = True  # from initial_load_path take the model weights only (not optimizer, schedule, data position)
     initial_load_in_hf: bool = False  # initial_load_path is an HF model directory (safetensors + config.json)
+
+
+@dataclass
+class CommConfig:
+    init_timeout_seconds: int = 300  # collectives' timeout until the first step is done (set-up, checkpoint load, compile)
+    train_timeout_seconds: int = 100  # collectives' timeout from then on: a dead or hung rank ends the run this fast
 
 
 @dataclass
@@ -220,6 +232,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     dry_run: bool = False  # build everything on a fake process group at the full world size, print per-rank memory, exit
 
     @property
@@ -324,6 +337,9 @@ def validate(job: JobConfig) -> None:
         )
     _choice("training.mixed_precision_param", t.mixed_precision_param, ("auto", "bfloat16", "float32"))
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
+    _choice("training.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    for key in ("init_timeout_seconds", "train_timeout_seconds"):
+        _positive(f"comm.{key}", getattr(job.comm, key))
 
     _choice("optimizer.name", o.name, ("AdamW", "Adam"))
     _choice("optimizer.implementation", o.implementation, ("foreach", "fused", "for-loop"))

@@ -9,7 +9,7 @@ import os
 import sys
 import uuid
 
-from pretrain.config import ConfigError, JobConfig
+from pretrain.config import ConfigError, JobConfig, TrainingHalted
 
 
 def launch(job: JobConfig) -> int:
@@ -22,6 +22,9 @@ def launch(job: JobConfig) -> int:
 
         try:
             main(job)
+        except TrainingHalted as e:  # the run stopped itself (non-finite loss)
+            print(f"stopped: {e}", file=sys.stderr)
+            return 3
         except ConfigError as e:  # a user error found at run time (data, tokenizer, checkpoint)
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -54,6 +57,10 @@ def launch(job: JobConfig) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
+        halted = message.partition("TrainingHalted: ")[2]
+        if halted:  # every rank stops at the same step; the first failure tells why
+            print(f"stopped (rank {rank}): {halted}", file=sys.stderr)
+            return 3
         user_error = message.partition("ConfigError: ")[2]
         if user_error:  # a user error found at run time: the message says how to fix it
             print(f"error (rank {rank}): {user_error}", file=sys.stderr)

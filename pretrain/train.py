@@ -17,14 +17,20 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from pretrain import preemption
 from pretrain.checkpoint import CheckpointManager, complete_steps
-from pretrain.config import JobConfig
+from pretrain.config import JobConfig, TrainingHalted
 from pretrain.data.dataset import TokenWindowLoader
 from pretrain.data.tokenizer import build_tokenizer
 from pretrain.distributed.context_parallel import shard_sequence
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.pipeline import Pipeline, split_for_rank
-from pretrain.distributed.utils import clip_grad_norm_, init_distributed, pick_device, set_cpu_threads
+from pretrain.distributed.utils import (
+    clip_grad_norm_,
+    init_distributed,
+    pick_device,
+    set_collective_timeout,
+    set_cpu_threads,
+)
 from pretrain.float8 import convert_to_float8, precompute_float8_scales
 from pretrain.log import init_logging, is_rank0, logger
 from pretrain.loss import build_loss_fn, per_step_loss
@@ -40,7 +46,7 @@ class Trainer:
         t = job.training
         self.device = pick_device(job.cluster)
         set_cpu_threads(self.device)
-        init_distributed(self.device)
+        init_distributed(self.device, timeout_s=job.comm.init_timeout_seconds)
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -76,6 +82,7 @@ class Trainer:
             is_rank0(),
         )
         self.state = self.checkpoint.load()
+        self.nonfinite_steps = 0  # steps whose update was dropped (training.on_nonfinite=skip)
         if self.pipeline and self.device.type != "cpu" and not complete_steps(self.checkpoint.folder) and is_rank0():
             logger.warning("pipeline stages start from their own random init: for the weights of other layouts, start "
                            "from a seed checkpoint (checkpoint.create_seed_checkpoint=true, see the README)")
@@ -142,11 +149,31 @@ class Trainer:
                 loss.backward()
             loss_total += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
         grad_norm = clip_grad_norm_(self.params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None)
-        self.optimizer.step()
-        precompute_float8_scales(self.model_parts, self.job.float8)
+        # the norm is global (reduced over every rank), so all ranks take the same branch
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            precompute_float8_scales(self.model_parts, self.job.float8)
+        else:
+            self._on_nonfinite(loss_total, grad_norm)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, grad_norm
+
+    def _on_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """A NaN/Inf gradient norm (a NaN/Inf loss gives one too): the update is never applied, so neither
+        the weights nor the optimizer state hold it, and no checkpoint can."""
+        step = self.state.step + 1
+        what = f"step {step}: loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+        if self.job.training.on_nonfinite == "stop":
+            latest = complete_steps(self.checkpoint.folder)
+            kept = f"the last checkpoint is step {latest[-1]}" if latest else "no checkpoint was written"
+            raise TrainingHalted(
+                f"{what} is not finite; stopped before applying it, and {kept}. Fix: lower optimizer.lr or raise "
+                "lr_scheduler.warmup_steps, then rerun (it resumes from the last checkpoint); or "
+                "training.on_nonfinite=skip to drop such steps."
+            )
+        self.nonfinite_steps += 1
+        logger.warning(f"{what} is not finite: update skipped (training.on_nonfinite=skip; {self.nonfinite_steps} so far)")
 
     def train(self) -> None:
         t, state = self.job.training, self.state
@@ -169,6 +196,8 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 loss, grad_norm = self.train_step(self.dataloader.next_step())
                 state.step += 1
+                if state.step == self.first_step:  # set-up, compile and loading are done: a stall now is a fault
+                    set_collective_timeout(self.job.comm.train_timeout_seconds, self.dims.process_groups())
                 profiler.step()
                 if t.gc_freq > 0 and state.step % t.gc_freq == 0:
                     gc.collect(1)
@@ -201,6 +230,7 @@ class Trainer:
                 **cuda_memory_stats(self.device),
                 "elapsed_s": state.elapsed_s + since_start,
                 "tokens_seen": state.tokens_seen,
+                "nonfinite_steps": self.nonfinite_steps,
             },
         )
 

@@ -122,6 +122,10 @@ class ParallelDims:
         """A named view (pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp); None for one process."""
         return self.meshes.get(name)
 
+    def process_groups(self) -> list:
+        """The process group of every 1-D view (for timeouts); empty for one process."""
+        return [m.get_group() for m in self.meshes.values() if m.ndim == 1]
+
     def fsdp_mesh(self) -> "DeviceMesh":
         """FSDP's mesh: 1-D over dp_shard x cp, or 2-D (replicate, shard x cp) for HSDP."""
         return self.meshes["hsdp"] if self.dp_replicate > 1 else self.meshes["dp_shard_cp"]

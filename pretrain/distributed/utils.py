@@ -43,6 +43,15 @@ def set_cpu_threads(device: torch.device) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
 
 
+def set_collective_timeout(seconds: int, groups: list[dist.ProcessGroup]) -> None:
+    """Shorten (or lengthen) the timeout of every collective from now on, on these groups and the
+    default one: after the first step a collective that waits this long means a rank died or hung."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    for group in {id(g): g for g in [dist.group.WORLD, *groups]}.values():
+        _set_pg_timeout(timedelta(seconds=seconds), group)
+
+
 def clip_grad_norm_(
     params: list[torch.Tensor], max_norm: float, pp_group: dist.ProcessGroup | None = None
 ) -> torch.Tensor:
