@@ -23,9 +23,13 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def build_loss_fn(compile_cfg: "CompileConfig", loss_parallel: bool = False) -> LossFn:
     """The loss, compiled when compile.components has "loss". Not under loss parallel: its
     vocab-sharded cross-entropy is a DTensor op handler that dynamo does not trace (the compiled
-    graph would reduce only this rank's vocabulary shard)."""
+    graph would reduce only this rank's vocabulary shard). Logits that arrive as a not-yet-waited
+    collective output (TP's gathered logits) are waited eagerly first, keeping their gradient path
+    (see pretrain/distributed/compile.py)."""
     if compile_cfg.enable and "loss" in compile_cfg.components and not loss_parallel:
-        return torch.compile(cross_entropy_sum, backend=compile_cfg.backend)
+        from pretrain.distributed.compile import with_async_inputs_resolved
+
+        return with_async_inputs_resolved(torch.compile(cross_entropy_sum, backend=compile_cfg.backend))
     return cross_entropy_sum
 
 

@@ -231,6 +231,7 @@ class Trainer:
                 "elapsed_s": state.elapsed_s + since_start,
                 "tokens_seen": state.tokens_seen,
                 "nonfinite_steps": self.nonfinite_steps,
+                **({"warmup": 1.0} if state.step == self.first_step else {}),  # readers drop it from steady state
             },
         )
 
