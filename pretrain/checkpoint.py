@@ -143,9 +143,10 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- load
     def load(self) -> TrainState:
-        """Restore the chosen checkpoint into the live objects; a fresh TrainState when there is none."""
+        """Restore the chosen checkpoint into the live objects. A run without a checkpoint of its own starts
+        from checkpoint.initial_load_path when set, else from its fresh initialisation."""
         if not self.cfg.enable:
-            return TrainState()
+            return self._initial_load()
         steps = complete_steps(self.folder)
         if self.cfg.create_seed_checkpoint:
             if steps:
@@ -153,7 +154,7 @@ class CheckpointManager:
                     f"checkpoint.create_seed_checkpoint=true but {self.folder} already holds steps {steps}; the seed "
                     "goes into an empty folder. Fix: use a new job.name, or delete that checkpoint folder."
                 )
-            return TrainState()
+            return self._initial_load()  # the seed holds the initial weights: those of initial_load_path if set
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError(
@@ -162,18 +163,12 @@ class CheckpointManager:
                 )
             step = self.cfg.load_step
         elif not steps:
-            return TrainState()
+            return self._initial_load()
         else:
             step = steps[-1]
         path = os.path.join(self.folder, f"step-{step}")
         with open(os.path.join(path, TRAIN_STATE)) as f:
             meta = json.load(f)
-        excluded = set(self.cfg.exclude_from_loading)
-        load_optimizer = "optimizer" not in excluded and not meta["model_only"]
-        own_model, model_sd = self._model_state_dict()
-        state_dict = {"model": model_sd}
-        if load_optimizer:
-            own_optimizer, state_dict["optimizer"] = self._optimizer_state_dict()
         try:
             dcp.FileSystemReader(path).read_metadata()
         except Exception as e:
@@ -181,13 +176,21 @@ class CheckpointManager:
                 f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Fix: delete that folder to resume "
                 "from the previous checkpoint, or pick one with checkpoint.load_step."
             ) from None
+        fix = "Fix: use the model config it was saved with, or start a new run (another job.name)."
+        state = self._restore(path, meta, set(self.cfg.exclude_from_loading), f"checkpoint {path}", fix)
+        return state
+
+    def _restore(self, path: str, meta: dict, excluded: set[str], what: str, fix: str) -> TrainState:
+        """Load a DCP step folder (its train_state.json already read into `meta`) into the live objects."""
+        load_optimizer = "optimizer" not in excluded and not meta["model_only"]
+        own_model, model_sd = self._model_state_dict()
+        state_dict = {"model": model_sd}
+        if load_optimizer:
+            own_optimizer, state_dict["optimizer"] = self._optimizer_state_dict()
         try:
             dcp.load(state_dict, checkpoint_id=path)
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            raise ConfigError(
-                f"checkpoint {path} does not match this model/optimizer: {e}. Fix: use the model config it "
-                "was saved with, or start a new run (another job.name)."
-            ) from None
+            raise ConfigError(f"{what} does not match this model/optimizer: {e}. {fix}") from None
         # back to the parts' own names (DCP loaded in place, or replaced the non-tensor values)
         loaded = {key: state_dict["model"][_drop_name_at(key, 0)] for key in own_model}
         set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
@@ -203,6 +206,92 @@ class CheckpointManager:
         state = TrainState() if "train_state" in excluded else TrainState(**meta["train_state"])
         logger.info(f"checkpoint: resumed from {path} (step {state.step}; not loaded: {sorted(excluded) or 'nothing'})")
         return state
+
+    # ----------------------------------------------------------------- initial load
+    def _initial_load(self) -> TrainState:
+        """A fresh start from checkpoint.initial_load_path: an HF folder (initial_load_in_hf), or a DCP step
+        folder: its model weights (initial_load_model_only), or everything in it, as a resume would."""
+        path = os.path.expanduser(self.cfg.initial_load_path)
+        if not path:
+            return TrainState()
+        key = f"checkpoint.initial_load_path={self.cfg.initial_load_path!r}"
+        if not os.path.isdir(path):
+            raise ConfigError(
+                f"{key} is not a directory. Fix: point it at a checkpoint step folder (<run_dir>/checkpoint/step-N) "
+                "or, with checkpoint.initial_load_in_hf=true, at a Hugging Face model folder; or set it to ''."
+            )
+        is_dcp = os.path.isfile(os.path.join(path, ".metadata"))
+        from pretrain import hf_io
+
+        if self.cfg.initial_load_in_hf:
+            if not hf_io.is_hf_dir(path):
+                hint = " It is a DCP checkpoint: set checkpoint.initial_load_in_hf=false." if is_dcp else ""
+                raise ConfigError(
+                    f"{key} with checkpoint.initial_load_in_hf=true holds no config.json with "
+                    f"{hf_io.INDEX} or {hf_io.SINGLE_FILE}.{hint} Fix: point it at a Hugging Face model folder."
+                )
+            self._load_hf(path, key)
+            return TrainState()
+        if not is_dcp:
+            hint = ""
+            if hf_io.is_hf_dir(path):
+                hint = " It is a Hugging Face folder: add checkpoint.initial_load_in_hf=true."
+            elif complete_steps(os.path.join(path, "checkpoint")):
+                latest = complete_steps(os.path.join(path, "checkpoint"))[-1]
+                hint = f" It looks like a run directory: use {os.path.join(path, 'checkpoint', f'step-{latest}')}."
+            raise ConfigError(f"{key} is not a DCP checkpoint (no .metadata).{hint} Fix: point it at a step folder.")
+        try:
+            dcp.FileSystemReader(path).read_metadata()
+        except Exception as e:
+            raise ConfigError(
+                f"{key} is unreadable ({type(e).__name__}: {e}). Fix: point it at a complete step folder."
+            ) from None
+        fix = (f"Fix: use the model config it was saved with (its run's config.yaml), or another {key.split('=')[0]}.")
+        if self.cfg.initial_load_model_only:
+            own_model, model_sd = self._model_state_dict()
+            state_dict = {"model": model_sd}
+            try:
+                dcp.load(state_dict, checkpoint_id=path)
+            except (Exception, CheckpointException) as e:
+                raise ConfigError(f"{key}: its model does not match this one: {e}. {fix}") from None
+            loaded = {k: state_dict["model"][_drop_name_at(k, 0)] for k in own_model}
+            set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
+            logger.info(f"checkpoint: initial model weights from {path}")
+            return TrainState()
+        meta_path = os.path.join(path, TRAIN_STATE)
+        if not os.path.isfile(meta_path):
+            raise ConfigError(
+                f"{key} has no {TRAIN_STATE}, so only its weights can be taken. "
+                "Fix: checkpoint.initial_load_model_only=true."
+            )
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta["model_only"]:
+            raise ConfigError(
+                f"{key} holds model weights only, but checkpoint.initial_load_model_only=false asks for the optimizer "
+                "and training state too. Fix: checkpoint.initial_load_model_only=true."
+            )
+        return self._restore(path, meta, set(self.cfg.exclude_from_loading), key, fix)
+
+    def _load_hf(self, path: str, key: str) -> None:
+        from pretrain import hf_io
+        from pretrain.models import get_model_spec
+
+        model_cfg = self.parts[0].cfg  # the model's own config (every family's model keeps it)
+        spec = get_model_spec(model_cfg.name)
+        if spec.hf_adapter is None:
+            raise ConfigError(f"{key}: model family {spec.name!r} has no Hugging Face adapter. Fix: convert it to DCP.")
+        problems = spec.hf_adapter.config_mismatches(hf_io.read_config(path), model_cfg)
+        if problems:
+            raise ConfigError(
+                f"{key} holds another model than this run's: {'; '.join(problems)}. Fix: set the model.* keys to "
+                "match its config.json (or pick the model option it was made from)."
+            )
+        try:
+            hf_io.load_hf_into(list(self.parts), path, spec, model_cfg)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}. Fix: check that the folder holds this model's weights.") from None
+        logger.info(f"checkpoint: initial model weights from the Hugging Face folder {path}")
 
 
 def _drop_name_at(key: str, position: int) -> str:

@@ -83,7 +83,8 @@ class Trainer:
         )
         self.state = self.checkpoint.load()
         self.nonfinite_steps = 0  # steps whose update was dropped (training.on_nonfinite=skip)
-        if self.pipeline and self.device.type != "cpu" and not complete_steps(self.checkpoint.folder) and is_rank0():
+        fresh = not complete_steps(self.checkpoint.folder) and not job.checkpoint.initial_load_path
+        if self.pipeline and self.device.type != "cpu" and fresh and is_rank0():
             logger.warning("pipeline stages start from their own random init: for the weights of other layouts, start "
                            "from a seed checkpoint (checkpoint.create_seed_checkpoint=true, see the README)")
         self.compute_dtype = param_dtype(t, self.device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import nn
 
@@ -21,6 +21,10 @@ class ModelSpec:
     parallelize: Callable[[nn.Module, "ParallelDims", "JobConfig"], nn.Module]
     # (model, config, seq_len) -> (parameter count, training FLOPs per token)
     params_and_flops: Callable[[nn.Module, "ModelConfig", int], tuple[int, float]]
+    # Hugging Face state-dict adapter (a module or object), None if the family has none. It provides
+    # to_hf(state_dict, cfg) / from_hf(hf_state_dict, cfg, keys=None) on full tensors, hf_config(cfg, dtype)
+    # -> config.json, hf_keys_needed(our keys, cfg) -> {our key: HF key} and config_mismatches(config.json, cfg)
+    hf_adapter: Optional[Any] = None
 
 
 def count_params(model: nn.Module) -> int:
