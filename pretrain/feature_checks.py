@@ -86,6 +86,14 @@ def check_float8(job: "JobConfig") -> None:
             "float8.precompute_float8_dynamic_scale_for_fsdp=true only applies with "
             "float8.enable_fsdp_float8_all_gather=true. Fix: enable both, or set the first to false."
         )
+    tp = job.parallelism.tensor_parallel_degree
+    if f.recipe_name == "tensorwise" and tp > 1 and job.cluster.device == "cpu":
+        # checked again on the rank (pretrain.float8.float8_tp_styles) for cluster.device=auto
+        raise ConfigError(
+            f"float8.recipe_name=tensorwise with parallelism.tensor_parallel_degree={tp} sends float8 activations "
+            "through the tensor-parallel collectives, and gloo (the CPU backend) has no float8 dtypes. "
+            "Fix: float8=rowwise (its TP collectives run in the training dtype), tensor_parallel_degree=1, or CUDA."
+        )
 
 
 def check_async_tp(job: "JobConfig", dims: "ParallelDims") -> None:
