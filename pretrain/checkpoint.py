@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pretrain.config import CheckpointConfig, ConfigError
+from pretrain.checkpoint_async import AsyncSaver
+from pretrain.config import CheckpointConfig, ConfigError, TrainingHalted
 from pretrain.distributed.fsdp import DTYPES
 from pretrain.log import logger
 
@@ -85,38 +86,112 @@ class CheckpointManager:
         self.parts = nn.ModuleList(model_parts)
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.is_rank0 = is_rank0
+        self.async_saver = AsyncSaver(cfg.async_mode) if cfg.enable and cfg.async_mode != "disabled" else None
+        self.pending, self.pending_step = None, 0  # the background save in flight
 
     # ----------------------------------------------------------------- save
     def should_save(self, step: int, last_step: int) -> bool:
         return self.cfg.enable and (step % self.cfg.interval == 0 or step == last_step)
 
-    def save(self, state: TrainState, last: bool = False, seed: bool = False) -> None:
-        """Save this step; `seed`: the initial weights only, in their own dtype (checkpoint.create_seed_checkpoint)."""
+    def save(self, state: TrainState, last: bool = False, seed: bool = False, blocking: bool = False) -> None:
+        """Save this step; `seed`: the initial weights only, in their own dtype (checkpoint.create_seed_checkpoint).
+        With checkpoint.async_mode the write goes on in the background (the last save, a seed and a
+        `blocking` save, before a requeue, are written before returning). A failed save leaves the previous
+        checkpoint as the latest and stops the run, or, with on_save_error=continue, is retried at the
+        next interval; a failed last save always stops it."""
+        self.wait()  # the previous background save is finished (or has failed) before the next starts
         start = time.perf_counter()
         final = os.path.join(self.folder, f"step-{state.step}")
         partial = final + ".partial"
         model_only = seed or (last and self.cfg.last_save_model_only)
-        if self.is_rank0:
-            if os.path.exists(partial):  # left over from a save that was interrupted
-                shutil.rmtree(partial)
-            os.makedirs(self.folder, exist_ok=True)
-        dist.barrier()
-        dcp.save(self._state_dict(model_only, export=not seed), checkpoint_id=partial)
-        if self.is_rank0:
-            meta = {
+        error = self._on_rank0(self._prepare, partial)
+        if self._all_ok(error):
+            # the JSON is captured now: training moves the schedule and the data position on meanwhile
+            meta = json.dumps({
                 "train_state": vars(state),
                 "model_only": model_only,
                 "lr_scheduler": None if model_only else self.lr_scheduler.state_dict(),
                 "dataloader": None if model_only else self.dataloader.state_dict(),
-            }
-            _write_json(os.path.join(partial, TRAIN_STATE), meta)
-            if os.path.exists(final):  # an older save of the same step is replaced whole
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _fsync_dir(self.folder)
-            self._purge()
-        dist.barrier()
+            })
+            state_dict = self._state_dict(model_only, export=not seed)
+            if self.async_saver is not None and not (last or seed or blocking):
+                finish = (lambda: self._finish(partial, final, meta)) if self.is_rank0 else None
+                self.pending = self.async_saver.save(state_dict, partial, finish)
+                self.pending_step = state.step
+                logger.info(f"checkpoint: step {state.step} staged in {time.perf_counter() - start:.1f}s, "
+                            "writing in the background")
+                return
+            try:
+                dcp.save(state_dict, checkpoint_id=partial)
+            except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+                error = e
+            else:
+                error = self._on_rank0(self._finish, partial, final, meta)
+        if not self._all_ok(error):
+            self._failed(state.step, error, final=last or seed or blocking)
+            return
         logger.info(f"checkpoint: saved step {state.step} to {final} in {time.perf_counter() - start:.1f}s")
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is on disk; apply the failure policy if it failed."""
+        if self.pending is None:
+            return
+        pending, step = self.pending, self.pending_step
+        self.pending = None
+        error = self.async_saver.result(pending)
+        if self._all_ok(error):
+            logger.info(f"checkpoint: step {step} written in the background")
+        else:
+            self._failed(step, error, final=False)
+
+    def _prepare(self, partial: str) -> None:
+        if os.path.exists(partial):  # left over from a save that was interrupted
+            shutil.rmtree(partial)
+        os.makedirs(self.folder, exist_ok=True)
+
+    def _finish(self, partial: str, final: str, meta: str) -> None:
+        """Rank 0, once every rank's shards and DCP's metadata are written: the JSON, then the rename that
+        makes the step visible, then the purge of old steps."""
+        with open(os.path.join(partial, TRAIN_STATE), "w") as f:
+            f.write(meta)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):  # an older save of the same step is replaced whole
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(self.folder)
+        self._purge()
+
+    def _on_rank0(self, fn, *args) -> BaseException | None:
+        """Run fn on rank 0; its exception (disk full, no permission) is returned, not raised."""
+        if not self.is_rank0:
+            return None
+        try:
+            fn(*args)
+        except (Exception, CheckpointException) as e:
+            return e
+        return None
+
+    def _all_ok(self, error: BaseException | None) -> bool:
+        """True when no rank has an error: every rank takes the same branch after a save."""
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+        dist.all_reduce(flag)  # a CPU tensor: gloo (alone, or the cpu half of "cuda:nccl,cpu:gloo")
+        return flag.item() == 0
+
+    def _failed(self, step: int, error: BaseException | None, final: bool) -> None:
+        if self.is_rank0:
+            shutil.rmtree(os.path.join(self.folder, f"step-{step}.partial"), ignore_errors=True)
+        steps = complete_steps(self.folder)
+        kept = f"the latest checkpoint is still step-{steps[-1]}, intact" if steps else "there is no earlier checkpoint"
+        why = _short_reason(error) if error is not None else "it failed on another rank"
+        message = f"checkpoint: saving step {step} into {self.folder} failed ({why}); {kept}."
+        if final or self.cfg.on_save_error == "stop":
+            raise TrainingHalted(
+                f"{message} Fix: free disk space or fix the permissions of {self.folder}, then rerun (it resumes "
+                "from the latest checkpoint)" + ("." if final else "; or checkpoint.on_save_error=continue to keep "
+                                                 "training and retry at the next interval.")
+            )
+        logger.error(f"{message} Training goes on and the next interval retries (checkpoint.on_save_error=continue).")
 
     def _state_dict(self, model_only: bool, export: bool = True) -> dict[str, Any]:
         model_sd = self._model_state_dict()[1]
@@ -128,12 +203,12 @@ class CheckpointManager:
     def _model_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the parts' own state dict, the same values under the full model's names)."""
         own = get_model_state_dict(self.parts)
-        return own, {_drop_name_at(key, 0): value for key, value in own.items()}
+        return own, {drop_name_at(key, 0): value for key, value in own.items()}
 
     def _optimizer_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(the flattened optimizer state of the parts, the same under the full model's names)."""
         own = get_optimizer_state_dict(self.parts, self.optimizer, options=FLAT)
-        return own, {_drop_name_at(key, 1): value for key, value in own.items()}
+        return own, {drop_name_at(key, 1): value for key, value in own.items()}
 
     def _purge(self) -> None:
         if self.cfg.keep_latest_k <= 0:
@@ -145,8 +220,10 @@ class CheckpointManager:
     def load(self) -> TrainState:
         """Restore the chosen checkpoint into the live objects. A run without a checkpoint of its own starts
         from checkpoint.initial_load_path when set, else from its fresh initialisation."""
+        from pretrain.initial_load import initial_load
+
         if not self.cfg.enable:
-            return self._initial_load()
+            return initial_load(self)
         steps = complete_steps(self.folder)
         if self.cfg.create_seed_checkpoint:
             if steps:
@@ -154,7 +231,7 @@ class CheckpointManager:
                     f"checkpoint.create_seed_checkpoint=true but {self.folder} already holds steps {steps}; the seed "
                     "goes into an empty folder. Fix: use a new job.name, or delete that checkpoint folder."
                 )
-            return self._initial_load()  # the seed holds the initial weights: those of initial_load_path if set
+            return initial_load(self)  # the seed holds the initial weights: those of initial_load_path if set
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError(
@@ -163,7 +240,7 @@ class CheckpointManager:
                 )
             step = self.cfg.load_step
         elif not steps:
-            return self._initial_load()
+            return initial_load(self)
         else:
             step = steps[-1]
         path = os.path.join(self.folder, f"step-{step}")
@@ -192,10 +269,10 @@ class CheckpointManager:
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             raise ConfigError(f"{what} does not match this model/optimizer: {e}. {fix}") from None
         # back to the parts' own names (DCP loaded in place, or replaced the non-tensor values)
-        loaded = {key: state_dict["model"][_drop_name_at(key, 0)] for key in own_model}
+        loaded = {key: state_dict["model"][drop_name_at(key, 0)] for key in own_model}
         set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
         if load_optimizer:
-            loaded = {key: state_dict["optimizer"][_drop_name_at(key, 1)] for key in own_optimizer}
+            loaded = {key: state_dict["optimizer"][drop_name_at(key, 1)] for key in own_optimizer}
             set_optimizer_state_dict(self.parts, self.optimizer, loaded, options=FLAT)
         if meta["model_only"]:
             excluded |= {"lr_scheduler", "dataloader"}
@@ -207,106 +284,22 @@ class CheckpointManager:
         logger.info(f"checkpoint: resumed from {path} (step {state.step}; not loaded: {sorted(excluded) or 'nothing'})")
         return state
 
-    # ----------------------------------------------------------------- initial load
-    def _initial_load(self) -> TrainState:
-        """A fresh start from checkpoint.initial_load_path: an HF folder (initial_load_in_hf), or a DCP step
-        folder: its model weights (initial_load_model_only), or everything in it, as a resume would."""
-        path = os.path.expanduser(self.cfg.initial_load_path)
-        if not path:
-            return TrainState()
-        key = f"checkpoint.initial_load_path={self.cfg.initial_load_path!r}"
-        if not os.path.isdir(path):
-            raise ConfigError(
-                f"{key} is not a directory. Fix: point it at a checkpoint step folder (<run_dir>/checkpoint/step-N) "
-                "or, with checkpoint.initial_load_in_hf=true, at a Hugging Face model folder; or set it to ''."
-            )
-        is_dcp = os.path.isfile(os.path.join(path, ".metadata"))
-        from pretrain import hf_io
-
-        if self.cfg.initial_load_in_hf:
-            if not hf_io.is_hf_dir(path):
-                hint = " It is a DCP checkpoint: set checkpoint.initial_load_in_hf=false." if is_dcp else ""
-                raise ConfigError(
-                    f"{key} with checkpoint.initial_load_in_hf=true holds no config.json with "
-                    f"{hf_io.INDEX} or {hf_io.SINGLE_FILE}.{hint} Fix: point it at a Hugging Face model folder."
-                )
-            self._load_hf(path, key)
-            return TrainState()
-        if not is_dcp:
-            hint = ""
-            if hf_io.is_hf_dir(path):
-                hint = " It is a Hugging Face folder: add checkpoint.initial_load_in_hf=true."
-            elif complete_steps(os.path.join(path, "checkpoint")):
-                latest = complete_steps(os.path.join(path, "checkpoint"))[-1]
-                hint = f" It looks like a run directory: use {os.path.join(path, 'checkpoint', f'step-{latest}')}."
-            raise ConfigError(f"{key} is not a DCP checkpoint (no .metadata).{hint} Fix: point it at a step folder.")
-        try:
-            dcp.FileSystemReader(path).read_metadata()
-        except Exception as e:
-            raise ConfigError(
-                f"{key} is unreadable ({type(e).__name__}: {e}). Fix: point it at a complete step folder."
-            ) from None
-        fix = (f"Fix: use the model config it was saved with (its run's config.yaml), or another {key.split('=')[0]}.")
-        if self.cfg.initial_load_model_only:
-            own_model, model_sd = self._model_state_dict()
-            state_dict = {"model": model_sd}
-            try:
-                dcp.load(state_dict, checkpoint_id=path)
-            except (Exception, CheckpointException) as e:
-                raise ConfigError(f"{key}: its model does not match this one: {e}. {fix}") from None
-            loaded = {k: state_dict["model"][_drop_name_at(k, 0)] for k in own_model}
-            set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
-            logger.info(f"checkpoint: initial model weights from {path}")
-            return TrainState()
-        meta_path = os.path.join(path, TRAIN_STATE)
-        if not os.path.isfile(meta_path):
-            raise ConfigError(
-                f"{key} has no {TRAIN_STATE}, so only its weights can be taken. "
-                "Fix: checkpoint.initial_load_model_only=true."
-            )
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta["model_only"]:
-            raise ConfigError(
-                f"{key} holds model weights only, but checkpoint.initial_load_model_only=false asks for the optimizer "
-                "and training state too. Fix: checkpoint.initial_load_model_only=true."
-            )
-        return self._restore(path, meta, set(self.cfg.exclude_from_loading), key, fix)
-
-    def _load_hf(self, path: str, key: str) -> None:
-        from pretrain import hf_io
-        from pretrain.models import get_model_spec
-
-        model_cfg = self.parts[0].cfg  # the model's own config (every family's model keeps it)
-        spec = get_model_spec(model_cfg.name)
-        if spec.hf_adapter is None:
-            raise ConfigError(f"{key}: model family {spec.name!r} has no Hugging Face adapter. Fix: convert it to DCP.")
-        problems = spec.hf_adapter.config_mismatches(hf_io.read_config(path), model_cfg)
-        if problems:
-            raise ConfigError(
-                f"{key} holds another model than this run's: {'; '.join(problems)}. Fix: set the model.* keys to "
-                "match its config.json (or pick the model option it was made from)."
-            )
-        try:
-            hf_io.load_hf_into(list(self.parts), path, spec, model_cfg)
-        except (KeyError, ValueError) as e:
-            raise ConfigError(f"{key}: {e}. Fix: check that the folder holds this model's weights.") from None
-        logger.info(f"checkpoint: initial model weights from the Hugging Face folder {path}")
+def _short_reason(error: BaseException) -> str:
+    """One line for a failed save: DCP's CheckpointException carries each rank's exception and traceback."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, failure = sorted(failures.items())[0]
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        return f"rank {rank}: {type(cause).__name__}: {cause}"
+    return f"{type(error).__name__}: {error}"
 
 
-def _drop_name_at(key: str, position: int) -> str:
+def drop_name_at(key: str, position: int) -> str:
     """Remove one dotted component: the part index. ("0.layers.1.w", 0) -> "layers.1.w";
     ("state.0.layers.1.w.exp_avg", 1) -> "state.layers.1.w.exp_avg"."""
     names = key.split(".")
     del names[position]
     return ".".join(names)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:

@@ -11,9 +11,10 @@ This module imports neither torch nor the model code, so a bad command line fail
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -192,6 +193,8 @@ class CheckpointConfig:
     folder: str = "checkpoint"  # inside the run directory
     interval: int = 500  # save every this many steps (and at the last step)
     keep_latest_k: int = 10  # keep this many newest checkpoints; 0 = keep all
+    async_mode: str = "disabled"  # disabled | async (written by a background thread while training goes on) | async_with_pinned_mem (CUDA: staged through pinned memory)
+    on_save_error: str = "stop"  # a save that fails (disk full, permissions): stop (exit 3) | continue (keep training, retry at the next interval)
     load_step: int = -1  # resume from this step; -1 = the latest complete checkpoint
     exclude_from_loading: list[str] = field(default_factory=list)  # of: optimizer, lr_scheduler, dataloader, train_state
     last_save_model_only: bool = False  # the final checkpoint holds model weights only (for inference/export)
@@ -281,9 +284,23 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if (isinstance(value, float) and not math.isfinite(value)) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}={value} must be {bound}. Fix: set {key} to a value {bound}.")
+
+
+def _unknown_keys(section: Any, prefix: str = "") -> None:
+    """Hydra lets `+section.key=value` add a key the schema lacks; nothing would read it."""
+    known = {f.name for f in fields(section)}
+    for name, value in vars(section).items():
+        key = f"{prefix}{name}"
+        if name not in known:
+            raise ConfigError(
+                f"{key}={value!r} is not a key of the config. "
+                "Fix: check its spelling against `python launch.py --cfg job`, or drop it."
+            )
+        if is_dataclass(value):
+            _unknown_keys(value, prefix=f"{key}.")
 
 
 def validate(job: JobConfig) -> None:
@@ -293,17 +310,32 @@ def validate(job: JobConfig) -> None:
     from pretrain.distributed.parallel_dims import ParallelDims
     from pretrain.models import FAMILIES
 
+    _unknown_keys(job)
     m, t, o, s, c = job.model, job.training, job.optimizer, job.lr_scheduler, job.checkpoint
     _choice("model.name", m.name, tuple(FAMILIES))
-    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of"):
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta"):
         _positive(f"model.{key}", getattr(m, key))
+    if m.ffn_dim_multiplier is not None:
+        _positive("model.ffn_dim_multiplier", m.ffn_dim_multiplier)
+    if m.rope_scaling:
+        for key in ("rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len"):
+            _positive(f"model.{key}", getattr(m, key))
+        if not m.rope_high_freq_factor > m.rope_low_freq_factor:
+            raise ConfigError(
+                f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be greater than "
+                f"model.rope_low_freq_factor={m.rope_low_freq_factor}. Fix: e.g. 4.0 and 1.0 (Llama 3.1)."
+            )
     if m.dim % m.n_heads:
         raise ConfigError(
             f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}. "
             "Fix: choose n_heads that divides dim."
         )
+    if m.n_kv_heads is not None and m.n_kv_heads <= 0:
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} must be > 0. Fix: set it to a divisor of model.n_heads, or null for n_heads."
+        )
     kv = m.n_kv_heads or m.n_heads
-    if kv <= 0 or m.n_heads % kv:
+    if m.n_heads % kv:
         raise ConfigError(
             f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}. "
             "Fix: set n_kv_heads to a divisor of n_heads (or null for n_heads)."
@@ -326,6 +358,9 @@ def validate(job: JobConfig) -> None:
 
     for key in ("local_batch_size", "seq_len", "steps"):
         _positive(f"training.{key}", getattr(t, key))
+    _positive("training.gc_freq", t.gc_freq, allow_zero=True)
+    if math.isnan(t.max_norm):
+        raise ConfigError("training.max_norm=nan is not a number. Fix: e.g. training.max_norm=1.0 (<= 0 disables clipping).")
     per_step = t.local_batch_size * dims.dp
     if t.global_batch_size == -1:
         t.global_batch_size = per_step
@@ -363,9 +398,30 @@ def validate(job: JobConfig) -> None:
     for item in c.exclude_from_loading:
         _choice("checkpoint.exclude_from_loading", item, ("optimizer", "lr_scheduler", "dataloader", "train_state"))
     _choice("checkpoint.export_dtype", c.export_dtype, ("float32", "bfloat16", "float16"))
+    _choice("checkpoint.async_mode", c.async_mode, ("disabled", "async", "async_with_pinned_mem"))
+    _choice("checkpoint.on_save_error", c.on_save_error, ("stop", "continue"))
+    if c.async_mode == "async_with_pinned_mem" and job.cluster.device == "cpu":
+        raise ConfigError(
+            "checkpoint.async_mode=async_with_pinned_mem stages GPU tensors through pinned host memory, but "
+            "cluster.device=cpu. Fix: checkpoint.async_mode=async."
+        )
+    if c.initial_load_in_hf and not c.initial_load_path:
+        raise ConfigError(
+            "checkpoint.initial_load_in_hf=true but checkpoint.initial_load_path is ''. "
+            "Fix: set checkpoint.initial_load_path to a Hugging Face model folder, or initial_load_in_hf=false."
+        )
+    own_checkpoints = os.path.isdir(os.path.join(job.job.run_dir, c.folder))  # a resume ignores initial_load_path
+    initial = os.path.expanduser(c.initial_load_path)
+    if initial and not job.dry_run and not own_checkpoints and not os.path.isdir(initial):
+        raise ConfigError(
+            f"checkpoint.initial_load_path={c.initial_load_path!r} is not a directory. Fix: point it at a checkpoint "
+            "step folder (<run_dir>/checkpoint/step-N) or a Hugging Face model folder, or set it to ''."
+        )
     _positive("metrics.log_freq", job.metrics.log_freq)
-    if "/" in job.job.name or not job.job.name:
-        raise ConfigError(f"job.name={job.job.name!r} must be a non-empty name without '/'. Fix: e.g. job.name=my_run.")
+    if "/" in job.job.name or job.job.name in ("", ".", ".."):
+        raise ConfigError(f"job.name={job.job.name!r} must be a non-empty name without '/' (and not . or ..). Fix: e.g. job.name=my_run.")
+    if not job.job.dump_folder:
+        raise ConfigError("job.dump_folder='' is empty. Fix: e.g. job.dump_folder=outputs (the root of all run directories).")
     if not job.dry_run:  # a dry run reads no data
         validate_data(job.data)
 
@@ -428,13 +484,13 @@ def validate_cluster(c: ClusterConfig, dry_run: bool = False) -> None:
 
 def validate_data(d: DataConfig) -> None:
     """Local data must exist before launch; hub ids are checked when they are opened."""
-    if d.path == "embedded":
-        return
     if d.tokenizer_path and not os.path.exists(os.path.expanduser(d.tokenizer_path)):
         raise ConfigError(
             f"data.tokenizer_path={d.tokenizer_path!r} does not exist. "
             "Fix: point it at a sentencepiece .model or a tokenizer.json, or set it to '' to train one."
         )
+    if d.path == "embedded":
+        return
     root = os.path.expanduser(d.path)
     builders = ("local", "json", "parquet", "text", "csv", "arrow")
     if d.path in builders or os.path.isdir(root):

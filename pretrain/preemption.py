@@ -75,8 +75,10 @@ def checkpoint_and_requeue_if_signalled(checkpoint: Any, state: Any) -> None:
 
     if not checkpoint.cfg.enable:
         logger.warning("checkpoint.enable=false: a requeued job starts again from step 0")
-    elif not os.path.isdir(os.path.join(checkpoint.folder, f"step-{state.step}")):
-        checkpoint.save(state)
+    else:
+        checkpoint.wait()  # a background save of this very step may be in flight
+        if not os.path.isdir(os.path.join(checkpoint.folder, f"step-{state.step}")):
+            checkpoint.save(state, blocking=True)
     exit_error: Optional[BaseException] = None
     for signum in received:
         previous = _previous_handlers.get(signum)

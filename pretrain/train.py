@@ -215,6 +215,7 @@ class Trainer:
                     self.checkpoint.save(state, last=state.step == t.steps)
                     window_start, window_tokens = time.perf_counter(), 0  # saves are not training throughput
                 preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)  # SLURM: save, stop, requeue
+            self.checkpoint.wait()  # a background save still in flight is on disk before the run ends
 
     def _log_step(self, state, loss, grad_norm, lr: float, tokens: int, seconds: float, since_start: float) -> None:
         if state.step == self.first_step:  # compile, allocator and cache warm-up: not steady state
