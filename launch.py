@@ -6,6 +6,7 @@
     python launch.py --help | --cfg job
 """
 
+import os
 import sys
 
 import hydra
@@ -19,10 +20,14 @@ register_configs()
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
     try:
-        job = resolve(cfg, run_dir=HydraConfig.get().runtime.output_dir)
+        job = resolve(cfg, run_dir=run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        while os.path.isdir(run_dir) and not os.listdir(run_dir) and run_dir not in (os.getcwd(), "/"):
+            os.rmdir(run_dir)  # the empty run directory Hydra made for a run that never starts
+            run_dir = os.path.dirname(run_dir)
         sys.exit(2)
     if job.dry_run:
         from pretrain.dry_run import dry_run

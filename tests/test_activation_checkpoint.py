@@ -131,20 +131,32 @@ def test_wrapping_and_state_dict_keys(base_model):
         model.init_weights()  # attribute lookups reach the wrapped block
 
 
-def test_memory_budget_under_compile(base_model, batch, monkeypatch):
+def test_memory_budget_under_compile(base_model, batch):
     """mode=memory_budget only sets the partitioner's budget; compile (aot_eager runs the partitioned
     graphs eagerly) must then give the loss and gradients of eager, and a budget of 0 must keep fewer
     tensors for backward than a budget of 1."""
     import torch._functorch.config as functorch_config
 
-    from pretrain.config import CompileConfig
-    from pretrain.distributed.compile import apply_compile
-
     _, _, ref_grads = train_step(copy.deepcopy(base_model), batch)
     ref_loss = loss_fn(base_model, batch).detach()
     saved = {}
-    # restored after the test: apply_ac sets this process-wide knob
-    monkeypatch.setattr(functorch_config, "activation_memory_budget", functorch_config.activation_memory_budget)
+    # restored after the test: apply_ac sets this process-wide knob (a config module: monkeypatch's
+    # undo deletes the entry instead of restoring it)
+    default_budget = functorch_config.activation_memory_budget
+    try:
+        _compare_budgets(base_model, batch, ref_loss, ref_grads, saved)
+    finally:
+        functorch_config.activation_memory_budget = default_budget
+        torch._dynamo.reset()
+    assert saved[0.0] < 0.75 * saved[1.0], saved
+
+
+def _compare_budgets(base_model, batch, ref_loss, ref_grads, saved) -> None:
+    import torch._functorch.config as functorch_config
+
+    from pretrain.config import CompileConfig
+    from pretrain.distributed.compile import apply_compile
+
     for budget in (1.0, 0.0):
         torch._dynamo.reset()  # compile afresh, under this budget
         model = copy.deepcopy(base_model)
@@ -166,8 +178,6 @@ def test_memory_budget_under_compile(base_model, batch, monkeypatch):
         assert torch.equal(loss.detach(), ref_loss), budget
         for name, p in model.named_parameters():
             assert torch.equal(p.grad, ref_grads[name]), (budget, name)
-    torch._dynamo.reset()
-    assert saved[0.0] < 0.75 * saved[1.0], saved
 
 
 def _dry_run_activations(overrides: list[str], capsys) -> float:

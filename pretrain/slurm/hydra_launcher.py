@@ -10,6 +10,7 @@ point, so they can be swept too.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus
@@ -28,9 +29,22 @@ def launch_points(config_loader: Any, config: DictConfig, job_overrides: Sequenc
             dry_run(p.job)
         return [JobReturn(overrides=p.overrides, status=JobStatus.COMPLETED) for p in points]
     code = submit_points(points, sweep_dir_of(config), is_sweep=len(points) > 1)
+    if code == 2:  # refused, nothing queued: take back what Hydra wrote for the sweep
+        _remove_sweep_leftovers(sweep_dir_of(config))
     if code:
         raise SystemExit(code)  # the reason is printed already; Hydra's traceback would only hide it
     return [
         JobReturn(overrides=p.overrides, status=JobStatus.COMPLETED, _return_value=p.extra.get("job_id"))
         for p in points
     ]
+
+
+def _remove_sweep_leftovers(sweep_dir: str) -> None:
+    """Hydra's multirun.yaml, then the directories that are left empty (never the working directory)."""
+    leftover = os.path.join(sweep_dir, "multirun.yaml")
+    if os.path.isfile(leftover):
+        os.remove(leftover)
+    path = os.path.abspath(sweep_dir)
+    while os.path.isdir(path) and not os.listdir(path) and path not in (os.getcwd(), "/"):
+        os.rmdir(path)
+        path = os.path.dirname(path)
