@@ -38,6 +38,7 @@ from pretrain.checkpoint_async import AsyncSaver
 from pretrain.config import CheckpointConfig, ConfigError, TrainingHalted
 from pretrain.distributed.fsdp import DTYPES
 from pretrain.log import logger
+from pretrain.safe_reader import SafeFileSystemReader
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAIN_STATE = "train_state.json"
@@ -247,7 +248,7 @@ class CheckpointManager:
         with open(os.path.join(path, TRAIN_STATE)) as f:
             meta = json.load(f)
         try:
-            dcp.FileSystemReader(path).read_metadata()
+            SafeFileSystemReader(path).read_metadata()
         except Exception as e:
             raise ConfigError(
                 f"checkpoint {path} is unreadable ({type(e).__name__}: {e}). Fix: delete that folder to resume "
@@ -265,7 +266,7 @@ class CheckpointManager:
         if load_optimizer:
             own_optimizer, state_dict["optimizer"] = self._optimizer_state_dict()
         try:
-            dcp.load(state_dict, checkpoint_id=path)
+            dcp.load(state_dict, storage_reader=SafeFileSystemReader(path))
         except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
             raise ConfigError(f"{what} does not match this model/optimizer: {e}. {fix}") from None
         # back to the parts' own names (DCP loaded in place, or replaced the non-tensor values)

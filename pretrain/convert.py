@@ -10,7 +10,7 @@
         --model names a conf/model option; model.* overrides follow it, as on launch.py's command line.
     python -m pretrain.convert to-torch outputs/my_run/checkpoint/step-1000 my_run.pt
         DCP step folder -> one torch.save file ({"model": {...}, "optimizer": {...}} as saved), with
-        torch's own dcp_to_torch_save; torch.load(path, weights_only=True) reads it.
+        torch's own dcp_to_torch_save steps; torch.load(path, weights_only=True) reads it.
 
 Works on every checkpoint of a run, the model-only final one (checkpoint.last_save_model_only) included.
 A bad argument prints one line `error: ...` and exits with code 2.
@@ -48,7 +48,9 @@ def read_dcp_model(step_dir: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(step_dir)
+    from pretrain.safe_reader import SafeFileSystemReader
+
+    reader = SafeFileSystemReader(step_dir)
     try:
         metadata = reader.read_metadata()
     except Exception as e:
@@ -177,9 +179,28 @@ def to_torch(args: argparse.Namespace) -> None:
     parent = os.path.dirname(os.path.abspath(args.file))
     if not os.path.isdir(parent):
         raise ConfigError(f"file {args.file!r}: the folder {parent!r} does not exist. Fix: create it first.")
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    import torch
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    dcp_to_torch_save(args.dcp_step_dir, args.file)
+    from pretrain.safe_reader import SafeFileSystemReader
+
+    # what torch's format_utils.dcp_to_torch_save does, with the metadata read without unpickling code
+    reader = SafeFileSystemReader(args.dcp_step_dir)
+    try:
+        reader.read_metadata()  # first, alone: a crafted or torn .metadata is refused with a short message
+    except Exception as e:
+        raise ConfigError(f"dcp_step_dir {args.dcp_step_dir!r} is unreadable ({type(e).__name__}: {e}). "
+                          "Fix: pick a complete step folder.") from None
+    state_dict: dict = {}
+    try:
+        _load_state_dict(state_dict, storage_reader=reader,
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        raise ConfigError(f"dcp_step_dir {args.dcp_step_dir!r} is unreadable ({type(e).__name__}: {e}). "
+                          "Fix: pick a complete step folder.") from None
+    torch.save(state_dict, args.file)
     print(f"wrote {args.file}")
 
 

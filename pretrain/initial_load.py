@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from pretrain.checkpoint import TRAIN_STATE, TrainState, complete_steps, drop_name_at
 from pretrain.config import ConfigError
 from pretrain.log import logger
+from pretrain.safe_reader import SafeFileSystemReader
 
 if TYPE_CHECKING:
     from pretrain.checkpoint import CheckpointManager
@@ -53,7 +54,7 @@ def initial_load(manager: "CheckpointManager") -> TrainState:
             hint = f" It looks like a run directory: use {os.path.join(path, 'checkpoint', f'step-{latest}')}."
         raise ConfigError(f"{key} is not a DCP checkpoint (no .metadata).{hint} Fix: point it at a step folder.")
     try:
-        dcp.FileSystemReader(path).read_metadata()
+        SafeFileSystemReader(path).read_metadata()
     except Exception as e:
         raise ConfigError(
             f"{key} is unreadable ({type(e).__name__}: {e}). Fix: point it at a complete step folder."
@@ -63,7 +64,7 @@ def initial_load(manager: "CheckpointManager") -> TrainState:
         own_model, model_sd = manager._model_state_dict()
         state_dict = {"model": model_sd}
         try:
-            dcp.load(state_dict, checkpoint_id=path)
+            dcp.load(state_dict, storage_reader=SafeFileSystemReader(path))
         except (Exception, CheckpointException) as e:
             raise ConfigError(f"{key}: its model does not match this one: {e}. {fix}") from None
         loaded = {k: state_dict["model"][drop_name_at(k, 0)] for k in own_model}
