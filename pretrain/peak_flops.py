@@ -83,8 +83,9 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def measure_cpu_matmul_flops(dtype: torch.dtype, seconds: float = 0.5, repeats: int = 5, n: int = 1024) -> float:
-    """Best-of-`repeats` FLOP/s of an n x n @ n x n matmul, about `seconds` in all, current thread count."""
+def measure_cpu_matmul_flops(dtype: torch.dtype, seconds: float = 1.0, repeats: int = 10, n: int = 1024) -> float:
+    """Best-of-`repeats` FLOP/s of an n x n @ n x n matmul, about `seconds` in all, current thread count.
+    The best of many short tries, so a moment of contention from another process does not lower it."""
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     out = torch.empty(n, n, dtype=dtype)

@@ -161,9 +161,12 @@ class FakeCheckpoint:
         self.folder, self.saved = str(folder), []
         self.cfg = type("Cfg", (), {"enable": True})()
 
-    def save(self, state):
-        self.saved.append(state.step)
+    def save(self, state, blocking=False):
+        self.saved.append((state.step, blocking))
         os.makedirs(os.path.join(self.folder, f"step-{state.step}"))
+
+    def wait(self):  # no background save in flight here
+        pass
 
 
 @pytest.fixture
@@ -187,7 +190,7 @@ def test_preemption_signal_checkpoints_then_calls_the_previous_handler(tmp_path,
     os.kill(os.getpid(), signal.SIGUSR2)
     with pytest.raises(SystemExit, match="stopped after step 7"):
         preemption.checkpoint_and_requeue_if_signalled(checkpoint, state)
-    assert checkpoint.saved == [7] and called == [signal.SIGUSR2]
+    assert checkpoint.saved == [(7, True)] and called == [signal.SIGUSR2]
 
 
 def test_stop_signal_after_a_regular_save_does_not_save_twice(tmp_path, signal_handlers):
@@ -197,7 +200,7 @@ def test_stop_signal_after_a_regular_save_does_not_save_twice(tmp_path, signal_h
     os.kill(os.getpid(), signal.SIGTERM)
     with pytest.raises(SystemExit, match="SIGTERM"):
         preemption.checkpoint_and_requeue_if_signalled(checkpoint, state)
-    assert checkpoint.saved == [10]
+    assert checkpoint.saved == [(10, False)]
 
 
 def test_hook_is_a_no_op_when_not_installed(tmp_path):
