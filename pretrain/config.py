@@ -182,6 +182,7 @@ class TrainingConfig:
     seed: int = 0  # seed for weight init
     deterministic: bool = False  # use deterministic algorithms (bitwise-repeatable on CPU)
     gc_freq: int = 50  # run Python's garbage collector every this many steps, not at random pauses; 0 = automatic
+    dtype: str = "float32"  # float32 | bfloat16: dtype the parameters and optimizer state are stored in; bfloat16 = full-bf16 training (no fp32 master weights)
     mixed_precision_param: str = "auto"  # auto | bfloat16 | float32: compute dtype of params (auto: bf16 on CUDA, fp32 on CPU)
     mixed_precision_reduce: str = "float32"  # float32 | bfloat16: gradient reduce dtype
     on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: stop (exit 3, nothing saved of that step) | skip (drop that step's update)
@@ -371,6 +372,12 @@ def validate(job: JobConfig) -> None:
             f"Fix: set training.global_batch_size to a multiple of {per_step} (e.g. {per_step * 2}) or to -1."
         )
     _choice("training.mixed_precision_param", t.mixed_precision_param, ("auto", "bfloat16", "float32"))
+    _choice("training.dtype", t.dtype, ("float32", "bfloat16"))
+    if t.dtype == "bfloat16" and t.mixed_precision_param == "float32":
+        raise ConfigError(
+            "training.dtype=bfloat16 stores the parameters in bf16, but training.mixed_precision_param=float32 "
+            "would compute in fp32 copies of them. Fix: training.mixed_precision_param=auto (or bfloat16)."
+        )
     _choice("training.mixed_precision_reduce", t.mixed_precision_reduce, ("float32", "bfloat16"))
     _choice("training.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
     for key in ("init_timeout_seconds", "train_timeout_seconds"):

@@ -21,7 +21,7 @@ from pretrain.config import JobConfig, TrainingHalted
 from pretrain.data.dataset import TokenWindowLoader
 from pretrain.data.tokenizer import build_tokenizer
 from pretrain.distributed.context_parallel import shard_sequence
-from pretrain.distributed.fsdp import param_dtype
+from pretrain.distributed.fsdp import DTYPES, cast_parameters, param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.pipeline import Pipeline, split_for_rank
 from pretrain.distributed.utils import (
@@ -116,6 +116,8 @@ class Trainer:
         if init_full:
             model.init_weights()
         convert_to_float8(model, self.job.float8, self.device.type)
+        if t.dtype != "float32":  # full low-precision training: no fp32 master weights
+            cast_parameters(model, DTYPES[t.dtype])
         parts = split_for_rank(model, self.dims, self.job) if self.dims.pp_enabled else [model]
         parts = [self.spec.parallelize(part, self.dims, self.job) for part in parts]
         if not init_full:

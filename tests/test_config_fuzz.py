@@ -145,6 +145,7 @@ CHOICES = {
     "optimizer.implementation": (("foreach", "fused", "for-loop"), ()),
     "lr_scheduler.decay_type": (("linear", "sqrt", "cosine"), ()),
     "training.mixed_precision_param": (("auto", "bfloat16", "float32"), ()),
+    "training.dtype": (("float32", "bfloat16"), ()),
     "training.mixed_precision_reduce": (("float32", "bfloat16"), ()),
     "training.on_nonfinite": (("stop", "skip"), ()),
     "checkpoint.exclude_from_loading": (("optimizer", "lr_scheduler", "dataloader", "train_state"), ()),

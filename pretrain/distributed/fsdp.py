@@ -17,10 +17,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def param_dtype(training: "TrainingConfig", device: torch.device) -> torch.dtype:
-    """The compute dtype of parameters: `auto` is bf16 on CUDA and fp32 on CPU (bf16 is slow there)."""
+    """The compute dtype of parameters: `auto` is bf16 on CUDA and fp32 on CPU (bf16 is slow there),
+    and the storage dtype when the parameters are stored in bf16 (training.dtype)."""
+    if training.dtype == "bfloat16":
+        return torch.bfloat16
     if training.mixed_precision_param == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[training.mixed_precision_param]
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store every parameter in `dtype` (full-bf16 training). Parameters only: buffers such as RoPE's
+    complex frequencies keep their dtype, and tied weights stay one tensor."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
 
 
 def apply_fsdp(
