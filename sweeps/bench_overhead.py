@@ -171,6 +171,7 @@ def plain_tokens_per_s(seq_len: int, batch: int, args) -> float:
     ]
     if args.compile:
         cmd.append("--compile")
+    cmd.append(f"--tokens={args.plain_tokens}")
     proc = subprocess.run(cmd, env=repo_env(), capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"plain_loop.py failed ({proc.returncode}): {error_summary(proc.stderr)}")
@@ -186,6 +187,8 @@ def main() -> None:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternating launch.py / plain rounds per length")
+    parser.add_argument("--plain-tokens", choices=("random", "embedded"), default="random",
+                        help="the plain loop's tokens: random, or the embedded corpus launch.py trains on")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="first steps not timed (>= 1)")
     parser.add_argument("--seq-lens", default="512,2048", help="comma-separated sequence lengths")
@@ -204,7 +207,8 @@ def main() -> None:
     print(f"# Platform overhead: launch.py vs a plain PyTorch loop\n\n"
           f"- date: {time.strftime('%Y-%m-%d %H:%M')}\n- command: `{command_line()}`\n- machine: {machine_summary()}\n"
           f"- debug model, one process, fp32, {'compiled' if args.compile else 'eager'}; "
-          f"launch.py with Aim {'off' if args.no_aim else 'on'}, checkpoints off\n"
+          f"launch.py with Aim {'off' if args.no_aim else 'on'}, checkpoints off; "
+          f"the plain loop on {args.plain_tokens} tokens\n"
           f"- {args.steps} steps per run, the first {args.warmup} not timed; {args.rounds} alternating rounds; "
           + (f"batch {args.batch}" if args.batch
              else f"{args.tokens_per_step} tokens per step (batch = tokens / seq_len)")
