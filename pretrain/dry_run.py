@@ -117,10 +117,11 @@ def measure(job: JobConfig, dims: ParallelDims, parts: list[nn.Module], device_t
     compute_bytes = torch.finfo(param_dtype(job.training, torch.device(device_type))).bits // 8
     blocks = [b for part in parts for b in part.layers.values()]
     block_numel = max((sum(p.numel() for p in b.parameters()) // dims.tp for b in blocks), default=0)
+    stored = 2 if job.training.dtype == "bfloat16" else 4  # bytes per parameter, gradient and Adam moment
     return RankMemory(
-        params=n_local * 4,
-        grads=n_local * 4,
-        optimizer=n_local * 8,
+        params=n_local * stored,
+        grads=n_local * stored,
+        optimizer=n_local * 2 * stored,
         gathered_block=2 * block_numel * compute_bytes if dims.fsdp_enabled else 0,
         activations=estimate_activations(job, dims, len(blocks), compute_bytes),
         n_params_local=n_local,
@@ -147,7 +148,7 @@ def dry_run(job: JobConfig) -> None:
     finally:
         dist.destroy_process_group()
     rows = [
-        ("parameters (fp32 shards)", mem.params),
+        (f"parameters ({'bf16' if job.training.dtype == 'bfloat16' else 'fp32'} shards)", mem.params),
         ("gradients", mem.grads),
         ("optimizer state (AdamW)", mem.optimizer),
         ("all-gathered block x2 (FSDP)", mem.gathered_block),

@@ -34,3 +34,16 @@ def test_bf16_parameters_train_like_fp32(tmp_path):
     exp_avg = [v for k, v in state["optimizer"].items() if k.endswith("exp_avg")]
     assert exp_avg and all(v.dtype == torch.bfloat16 for v in exp_avg)
     assert {v.dtype for v in torch.load(tmp_path / "fp32.pt", weights_only=True)["model"].values()} == {torch.float32}
+
+
+def test_dry_run_counts_bf16_storage(capsys):
+    from helpers import compose
+    from pretrain.config import resolve
+    from pretrain.dry_run import dry_run
+
+    gib = {}
+    for dtype in ("float32", "bfloat16"):
+        dry_run(resolve(compose(["experiment=llama3_8b", "dry_run=true", f"training.dtype={dtype}"])))
+        out = capsys.readouterr().out
+        gib[dtype] = float(out.split("optimizer state (AdamW)")[1].split()[0])
+    assert gib["bfloat16"] == pytest.approx(gib["float32"] / 2, rel=1e-2)
