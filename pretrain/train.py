@@ -152,7 +152,8 @@ class Trainer:
                 loss.backward()
             loss_total += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
         grad_norm = clip_grad_norm_(self.params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None)
-        # the norm is global (reduced over every rank), so all ranks take the same branch
+        # the norm is global (reduced over every rank), so all ranks take the same branch. Reading it is the
+        # step's one host sync: on CUDA the optimizer kernels are queued after backward ends, not during it
         if torch.isfinite(grad_norm):
             self.optimizer.step()
             precompute_float8_scales(self.model_parts, self.job.float8)
