@@ -20,6 +20,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from pretrain.model_config import MLAConfig, ModelConfig, MoEConfig, validate_model  # noqa: F401 (re-exported)
+
 
 class ConfigError(ValueError):
     """A user error in the config: the message names the key, the value and a fix."""
@@ -36,28 +38,6 @@ class JobSection:
     description: str = ""  # free text, stored with the run
     dump_folder: str = "outputs"  # root of all run directories (and of the Aim repo by default)
     run_dir: str = ""  # derived by resolve(): the directory of this run; leave empty
-
-
-@dataclass
-class ModelConfig:
-    name: str = "llama3"  # model family, a key of pretrain.models.FAMILIES
-    flavor: str = "debug"  # preset name within the family (informational; all dims are below)
-    dim: int = 256  # hidden size D
-    n_layers: int = 6  # transformer blocks
-    n_heads: int = 16  # query heads H; head_dim = dim / n_heads
-    n_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention; null = n_heads
-    vocab_size: int = 2048  # embedding rows; must be >= the tokenizer's vocabulary
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (8B: 1.3); null = 1
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    rope_theta: float = 500000.0  # RoPE base frequency
-    rope_scaling: bool = True  # apply Llama 3.1 frequency scaling to RoPE
-    rope_scaling_factor: float = 8.0  # Llama 3.1 scaling: factor
-    rope_low_freq_factor: float = 1.0  # Llama 3.1 scaling: low-frequency factor
-    rope_high_freq_factor: float = 4.0  # Llama 3.1 scaling: high-frequency factor
-    rope_original_max_seq_len: int = 8192  # Llama 3.1 scaling: context length of pretraining
-    tie_word_embeddings: bool = False  # share the output projection with the token embedding
-    hf_assets_path: str = ""  # directory with an HF tokenizer.json (or tokenizer.model); "" = none
 
 
 @dataclass
@@ -314,33 +294,7 @@ def validate(job: JobConfig) -> None:
     _unknown_keys(job)
     m, t, o, s, c = job.model, job.training, job.optimizer, job.lr_scheduler, job.checkpoint
     _choice("model.name", m.name, tuple(FAMILIES))
-    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.ffn_dim_multiplier is not None:
-        _positive("model.ffn_dim_multiplier", m.ffn_dim_multiplier)
-    if m.rope_scaling:
-        for key in ("rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len"):
-            _positive(f"model.{key}", getattr(m, key))
-        if not m.rope_high_freq_factor > m.rope_low_freq_factor:
-            raise ConfigError(
-                f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be greater than "
-                f"model.rope_low_freq_factor={m.rope_low_freq_factor}. Fix: e.g. 4.0 and 1.0 (Llama 3.1)."
-            )
-    if m.dim % m.n_heads:
-        raise ConfigError(
-            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}. "
-            "Fix: choose n_heads that divides dim."
-        )
-    if m.n_kv_heads is not None and m.n_kv_heads <= 0:
-        raise ConfigError(
-            f"model.n_kv_heads={m.n_kv_heads} must be > 0. Fix: set it to a divisor of model.n_heads, or null for n_heads."
-        )
-    kv = m.n_kv_heads or m.n_heads
-    if m.n_heads % kv:
-        raise ConfigError(
-            f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}. "
-            "Fix: set n_kv_heads to a divisor of n_heads (or null for n_heads)."
-        )
+    validate_model(m)
     if m.hf_assets_path and not job.dry_run and not os.path.isdir(os.path.expanduser(m.hf_assets_path)):
         raise ConfigError(
             f"model.hf_assets_path={m.hf_assets_path!r} is not a directory. "

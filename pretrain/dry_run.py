@@ -19,6 +19,7 @@ from pretrain.config import JobConfig
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.float8 import convert_to_float8
+from pretrain.model_config import ffn_hidden_dim
 from pretrain.models import get_model_spec
 
 GIB = 1024**3
@@ -43,14 +44,6 @@ def local_numel(p: torch.Tensor) -> int:
     return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
 
 
-def _ffn_hidden(m) -> int:
-    """The SwiGLU hidden size F, as the Llama block computes it."""
-    hidden = int(2 * 4 * m.dim / 3)
-    if m.ffn_dim_multiplier is not None:
-        hidden = int(m.ffn_dim_multiplier * hidden)
-    return m.multiple_of * ((hidden + m.multiple_of - 1) // m.multiple_of)
-
-
 def _saved_per_token(job: JobConfig, dims: ParallelDims) -> tuple[float, float, float]:
     """Bytes in 16-bit that one layer keeps per token of the rank's tokens: (without AC, with the block
     wrapped for full recompute, under the per-op selective policy). D below is dim / tp (sequence parallel
@@ -65,7 +58,7 @@ def _saved_per_token(job: JobConfig, dims: ParallelDims) -> tuple[float, float, 
     # outputs (attention and FFN, D each). Llama 3 8B, tp=1: (4 + 0.25) D + 3.5 D = 7.75 D elements,
     # i.e. 15.5 D bytes in 16-bit, about 0.46 of the 34 D without AC.
     kv_ratio = (m.n_kv_heads or m.n_heads) / m.n_heads
-    elements = (3 + kv_ratio) * d + _ffn_hidden(m) / tp + m.dim + (2 * d if tp > 1 else 0)
+    elements = (3 + kv_ratio) * d + ffn_hidden_dim(m) / tp + m.dim + (2 * d if tp > 1 else 0)
     return none, full, 2 * elements
 
 

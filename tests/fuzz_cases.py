@@ -67,6 +67,11 @@ OPTIONS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in GROUPS}
 SLURM = ("cluster=slurm_cpu", "parallelism=fsdp")  # SLURM resources are checked with cluster=slurm only
 PIPELINE = ("parallelism=fsdp_pp", "cluster.nproc_per_node=4")  # pipeline keys are checked with pp > 1
 BUDGET = ("activation_checkpoint.mode=memory_budget", "compile.enable=true")
+# model sections read only by the families that have them
+MOE = ("model.name=qwen3", "model.rope_scaling=false", "model.moe.n_routed_experts=8", "model.moe.hidden_dim=32",
+       "model.moe.top_k=2")
+MLA = ("model.name=deepseek_v3", "model.rope_scaling=false", "model.mla.kv_lora_rank=16")
+YARN = ("model.name=deepseek_v3", "model.rope_scaling_type=yarn")
 
 # key -> (rule, overrides under which the rule applies); _bad_value() draws a value that breaks the rule
 RANGES = {
@@ -75,6 +80,16 @@ RANGES = {
     **{f"model.{k}": ("float>0", ()) for k in ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor",
                                                 "rope_low_freq_factor")},
     "model.rope_high_freq_factor": ("float>1", ()),  # above rope_low_freq_factor (1.0)
+    **{f"model.{k}": ("int>0", ()) for k in ("head_dim", "ffn_hidden_dim")},
+    **{f"model.rope_yarn_{k}": ("float>0", YARN) for k in ("beta_slow", "mscale")},
+    "model.rope_yarn_beta_fast": ("float>1", YARN),  # above rope_yarn_beta_slow (1.0)
+    **{f"model.moe.{k}": ("int>=0", ()) for k in ("n_routed_experts", "n_shared_experts")},
+    **{f"model.moe.{k}": ("float>=0", ()) for k in ("bias_update_speed", "aux_loss_coeff")},
+    "model.moe.n_dense_layers": ("int>=0", MOE),
+    **{f"model.moe.{k}": ("int>0", MOE) for k in ("top_k", "hidden_dim", "n_expert_groups", "n_limited_groups")},
+    "model.moe.route_scale": ("float>0", MOE),
+    **{f"model.mla.{k}": ("int>=0", ()) for k in ("kv_lora_rank", "q_lora_rank")},
+    **{f"model.mla.{k}": ("int>0", MLA) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")},
     **{f"parallelism.{k}": ("int>0", ()) for k in ("data_parallel_replicate_degree", "tensor_parallel_degree",
                                                     "pipeline_parallel_degree", "context_parallel_degree")},
     "parallelism.data_parallel_shard_degree": ("int>0|-1", ()),
@@ -114,6 +129,8 @@ RANGES = {
 # key -> (allowed values, overrides under which they are checked); list fields take a list of them
 CHOICES = {
     "model.name": (tuple(FAMILIES), ()),
+    "model.rope_scaling_type": (("llama3", "yarn"), ()),
+    "model.moe.score_func": (("softmax", "sigmoid"), MOE),
     "parallelism.fsdp_reshard_after_forward": (("default", "always", "never"), ()),
     "parallelism.pipeline_parallel_schedule": (PP_SCHEDULES, ()),
     "parallelism.context_parallel_method": (("allgather", "ring"), ()),

@@ -5,8 +5,14 @@
 
 Routing as the families use it: softmax over all experts then top-k (Qwen3-MoE; `route_norm` renormalises
 the k weights), or sigmoid scores with top-k chosen on score + `expert_bias` and weights from the unbiased
-scores, renormalised and scaled (DeepSeek-V3's auxiliary-loss-free balancing). `tokens_per_expert`
-counts what each expert received since the last bias update, for the update and for load metrics.
+scores, renormalised and scaled (DeepSeek-V3's auxiliary-loss-free balancing). Group-limited routing
+(DeepSeek) first keeps the `n_limited_groups` groups of experts whose best two scores sum highest.
+`tokens_per_expert` counts what each expert received since the last bias update, for the update and
+for load metrics. An optional auxiliary balance loss adds its gradient in backward without changing
+the output (so it works inside pipeline stages too).
+
+Expert parallelism wraps `experts` from outside (pretrain/distributed/expert_parallel.py): it sees the
+sorted tokens and the per-expert counts, exchanges them between ranks, and runs the local experts.
 """
 
 from __future__ import annotations
@@ -28,7 +34,35 @@ class MoEArgs:
     score_func: str = "softmax"  # softmax | sigmoid
     route_norm: bool = False  # renormalise the k weights of a token to sum to 1
     route_scale: float = 1.0  # multiply the routing weights (DeepSeek-V3: 2.5 for 671B)
+    n_expert_groups: int = 1  # group-limited routing: experts in this many groups; 1 = off
+    n_limited_groups: int = 1  # groups a token may use
     bias_update_speed: float = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
+    aux_loss_coeff: float = 0.0  # auxiliary balance loss weight; 0 = off
+
+    @classmethod
+    def from_config(cls, cfg) -> "MoEArgs":
+        """From a ModelConfig's `moe` section."""
+        e = cfg.moe
+        return cls(
+            dim=cfg.dim, hidden_dim=e.hidden_dim, n_experts=e.n_routed_experts, top_k=e.top_k,
+            n_shared_experts=e.n_shared_experts, score_func=e.score_func, route_norm=e.route_norm,
+            route_scale=e.route_scale, n_expert_groups=e.n_expert_groups, n_limited_groups=e.n_limited_groups,
+            bias_update_speed=e.bias_update_speed, aux_loss_coeff=e.aux_loss_coeff,
+        )
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The rank's own block of a weight that parallelism has sharded (a DTensor), else the weight."""
+    return w.to_local() if hasattr(w, "to_local") else w
+
+
+def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch._grouped_mm: CUDA, bf16, Hopper or newer, 16-byte aligned rows. (On CPU it has a forward but
+    no backward in torch 2.13, so the loop runs there.)"""
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
+        return False
+    aligned = all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
+    return aligned and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
 class GroupedExperts(nn.Module):
@@ -40,16 +74,24 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
 
-    def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x (N, D) sorted by expert, counts[e] rows each -> (N, D). A loop of matmuls: correct on every
-        device (a grouped-matmul kernel is a drop-in for CUDA later)."""
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, D) sorted by expert, counts (E,) rows each -> (N, D). Under expert or tensor parallelism
+        the weights are this rank's experts (and hidden units), and x holds the tokens sent to them."""
+        w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
+        if _use_grouped_mm(x, w1, w2, w3):
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            hidden = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets))
+            hidden = hidden * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
+            return torch._grouped_mm(hidden, w2.transpose(-2, -1), offs=offsets).type_as(x)
         outputs = []
-        for e, chunk in enumerate(torch.split(x, counts)):
+        for e, chunk in enumerate(torch.split(x, counts.tolist())):
             if chunk.shape[0] == 0:
                 continue
-            hidden = F.silu(chunk @ self.w1[e].T) * (chunk @ self.w3[e].T)  # (n_e, H)
-            outputs.append(hidden @ self.w2[e].T)  # (n_e, D)
-        return torch.cat(outputs) if outputs else x.new_zeros(x.shape)
+            hidden = F.silu(chunk @ w1[e].T) * (chunk @ w3[e].T)  # (n_e, H)
+            outputs.append(hidden @ w2[e].T)  # (n_e, D)
+        if not outputs:  # no token for these experts (possible under expert parallelism): the weights still
+            return x.new_zeros(x.shape) + 0.0 * (w1.sum() + w2.sum() + w3.sum())  # get a (zero) gradient
+        return torch.cat(outputs)
 
     def init_weights(self, std: float) -> None:
         for w in (self.w1, self.w2, self.w3):
@@ -62,16 +104,61 @@ class Router(nn.Module):
         self.args = args
         self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, D) -> scores (N, E) in fp32."""
+        logits = self.gate(x).float()
+        return torch.sigmoid(logits) if self.args.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
+
+    def select(self, scores: torch.Tensor, expert_bias: torch.Tensor) -> torch.Tensor:
+        """The k experts (N, k) of each token, on biased scores, within the token's best groups."""
+        a = self.args
+        biased = scores + expert_bias
+        if a.n_expert_groups > 1:
+            groups = biased.unflatten(-1, (a.n_expert_groups, -1))  # (N, G, E/G)
+            group_score = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
+            best = group_score.topk(a.n_limited_groups, dim=-1).indices
+            keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(-1, best, True)
+            biased = groups.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(-2)
+        return torch.topk(biased, a.top_k, dim=-1).indices
+
     def forward(self, x: torch.Tensor, expert_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> (weights (N, k), expert ids (N, k)). The bias only changes which experts are chosen."""
+        weights, chosen, _ = self.route(x, expert_bias)
+        return weights, chosen
+
+    def route(self, x: torch.Tensor, expert_bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weights (N, k), expert ids (N, k), scores (N, E))."""
         a = self.args
-        logits = self.gate(x).float()  # (N, E)
-        scores = torch.sigmoid(logits) if a.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
-        chosen = torch.topk(scores + expert_bias, a.top_k, dim=-1).indices  # (N, k)
+        scores = self.scores(x)
+        chosen = self.select(scores, expert_bias)
         weights = scores.gather(-1, chosen)
         if a.route_norm:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * a.route_scale, chosen
+        return weights * a.route_scale, chosen, scores
+
+
+class _AddAuxLoss(torch.autograd.Function):
+    """Returns x unchanged; in backward, `aux` receives gradient `scale`, as if scale x aux were added to
+    the loss. The layer's output is untouched, so the loss function needs no extra input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        ctx.aux_shape = aux.shape
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad.new_full(ctx.aux_shape, ctx.scale, dtype=torch.float32), None
+
+
+def balance_loss(scores: torch.Tensor, chosen: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """DeepSeek's balance loss over a batch of N tokens: sum_e f_e P_e with f_e = E / (k N) x tokens sent
+    to e and P_e the mean of e's score normalised over the experts. 1 when perfectly balanced."""
+    N, k = chosen.shape
+    f = torch.bincount(chosen.flatten(), minlength=n_experts).float() * n_experts / (k * N)
+    P = (scores / scores.sum(-1, keepdim=True)).mean(0)
+    return (f * P).sum()
 
 
 class MoE(nn.Module):
@@ -85,23 +172,28 @@ class MoE(nn.Module):
         self.shared_experts = None
         if args.n_shared_experts:
             self.shared_experts = GroupedExperts(args.dim, args.hidden_dim * args.n_shared_experts, 1)
+        # the training loop scales the balance loss by this forward's share of the step's tokens
+        self.aux_loss_scale = 1.0
         self.register_buffer("expert_bias", torch.zeros(args.n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
         flat = x.reshape(-1, D)  # (N, D)
-        weights, chosen = self.router(flat, self.expert_bias)  # (N, k) each
+        weights, chosen, scores = self.router.route(flat, self.expert_bias)  # (N, k) (N, k) (N, E)
         order = torch.argsort(chosen.flatten(), stable=True)  # slots sorted by expert
         counts = torch.bincount(chosen.flatten(), minlength=self.args.n_experts)
         with torch.no_grad():
             self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         token_of_slot = order // self.args.top_k  # (N k,) the token each sorted slot belongs to
-        routed = self.experts(flat[token_of_slot], counts.tolist())  # (N k, D)
+        routed = self.experts(flat[token_of_slot], counts)  # (N k, D)
         routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of_slot, routed)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat, [flat.shape[0]])
+            out = out + self.shared_experts(flat, counts.new_full((1,), flat.shape[0]))
+        if self.args.aux_loss_coeff > 0 and self.training and torch.is_grad_enabled():
+            aux = balance_loss(scores, chosen, self.args.n_experts)
+            out = _AddAuxLoss.apply(out, aux, self.args.aux_loss_coeff * self.aux_loss_scale)
         return out.view(B, T, D)
 
     def update_expert_bias(self, tokens_per_expert: torch.Tensor | None = None) -> None:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from torch import nn
 
+from pretrain.model_config import head_dim
+
 if TYPE_CHECKING:
     from pretrain.config import JobConfig, ModelConfig
     from pretrain.distributed.parallel_dims import ParallelDims
@@ -36,6 +38,5 @@ def dense_transformer_flops(model: nn.Module, embedding: nn.Embedding, cfg: "Mod
     """torchtitan's definition: 6 x non-embedding params (forward + backward matmuls)
     + 12 x layers x heads x head_dim x seq_len (attention scores and values, forward + backward)."""
     n_params = count_params(model)
-    head_dim = cfg.dim // cfg.n_heads
-    flops = 6 * (n_params - embedding.weight.numel()) + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
+    flops = 6 * (n_params - embedding.weight.numel()) + 12 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * seq_len
     return n_params, float(flops)

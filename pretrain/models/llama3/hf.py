@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Iterable
 
 import torch
 
+from pretrain.model_config import ffn_hidden_dim, head_dim
+
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
 
@@ -83,9 +85,9 @@ def hf_keys_needed(keys: Iterable[str], cfg: "ModelConfig") -> dict[str, str]:
 # ----------------------------------------------------------------------------- RoPE row order
 def _head_dims(cfg: "ModelConfig", key: str) -> tuple[int, int]:
     """(heads, head_dim) of the projection named by `key` (wq/q_proj or wk/k_proj)."""
-    head_dim = cfg.dim // cfg.n_heads
+    E = head_dim(cfg)
     is_k = ".wk." in key or ".k_proj." in key
-    return (cfg.n_kv_heads or cfg.n_heads) if is_k else cfg.n_heads, head_dim
+    return (cfg.n_kv_heads or cfg.n_heads) if is_k else cfg.n_heads, E
 
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -138,10 +140,7 @@ def from_hf(
 # ----------------------------------------------------------------------------- config.json
 def ffn_hidden_size(cfg: "ModelConfig") -> int:
     """The SwiGLU hidden size exactly as model.FeedForward computes it (HF's intermediate_size)."""
-    hidden = int(2 * 4 * cfg.dim / 3)
-    if cfg.ffn_dim_multiplier is not None:
-        hidden = int(cfg.ffn_dim_multiplier * hidden)
-    return cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)
+    return ffn_hidden_dim(cfg)
 
 
 def default_max_position_embeddings(cfg: "ModelConfig") -> int:
@@ -160,7 +159,7 @@ def hf_config(cfg: "ModelConfig", dtype: str = "bfloat16", max_position_embeddin
         "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-        "head_dim": cfg.dim // cfg.n_heads,
+        "head_dim": head_dim(cfg),
         "hidden_act": "silu",
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": max_position_embeddings or default_max_position_embeddings(cfg),

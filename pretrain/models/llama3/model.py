@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import ModelConfig
+from pretrain.model_config import ffn_hidden_dim, head_dim
 
 
 def precompute_freqs_cis(cfg: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
     """Complex rotations (T, E/2) for RoPE, with Llama 3.1's frequency scaling when enabled."""
-    head_dim = cfg.dim // cfg.n_heads
-    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    E = head_dim(cfg)
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, E, 2, device=device).float() / E))
     if cfg.rope_scaling:
         low_wavelen = cfg.rope_original_max_seq_len / cfg.rope_low_freq_factor
         high_wavelen = cfg.rope_original_max_seq_len / cfg.rope_high_freq_factor
@@ -59,7 +60,7 @@ class Attention(nn.Module):
         self.attention_op = causal_attention
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.dim // cfg.n_heads
+        self.head_dim = head_dim(cfg)
         self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
@@ -87,14 +88,11 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x), hidden size 2/3 * 4D scaled and rounded up to multiple_of."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); hidden size model.ffn_hidden_dim, or 2/3 * 4D scaled and rounded up to multiple_of."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        hidden = int(2 * 4 * cfg.dim / 3)
-        if cfg.ffn_dim_multiplier is not None:
-            hidden = int(cfg.ffn_dim_multiplier * hidden)
-        hidden = cfg.multiple_of * ((hidden + cfg.multiple_of - 1) // cfg.multiple_of)
+        hidden = hidden or ffn_hidden_dim(cfg)
         self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
         self.w3 = nn.Linear(cfg.dim, hidden, bias=False)

@@ -1,0 +1,201 @@
+"""The `model` section of the config: one schema for every family (Llama 3, Qwen3, DeepSeek-V3), with
+nested sections for the Mixture-of-Experts feed-forward (`model.moe`) and multi-head latent attention
+(`model.mla`). A family reads the fields it uses; `validate_model` checks them before launch.
+
+No torch import: a bad value fails before any process starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class MoEConfig:
+    n_routed_experts: int = 0  # routed experts per MoE layer; 0 = a dense model (every layer a SwiGLU)
+    n_shared_experts: int = 0  # always-on experts beside the routed ones (one SwiGLU of n_shared x hidden_dim)
+    top_k: int = 1  # routed experts each token is sent to
+    hidden_dim: int = 0  # each expert's SwiGLU hidden size (HF moe_intermediate_size)
+    n_dense_layers: int = 0  # the first layers keep a dense SwiGLU (DeepSeek-V3: first_k_dense_replace)
+    score_func: str = "softmax"  # softmax | sigmoid: how router logits become scores
+    route_norm: bool = False  # renormalise a token's top-k weights to sum to 1 (HF norm_topk_prob)
+    route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3 671B: 2.5)
+    n_expert_groups: int = 1  # group-limited routing: experts split into this many groups (DeepSeek: 8); 1 = off
+    n_limited_groups: int = 1  # groups a token may route to, chosen by their top-2 scores (DeepSeek-V3: 4)
+    bias_update_speed: float = 0.0  # auxiliary-loss-free balancing: expert-bias step per optimizer step (DeepSeek-V3: 1e-3); 0 = off
+    aux_loss_coeff: float = 0.0  # weight of the load-balancing auxiliary loss, E x sum_e f_e P_e (Qwen3: 0.001); 0 = off
+
+
+@dataclass
+class MLAConfig:
+    kv_lora_rank: int = 0  # rank of the joint key/value compression; 0 = not multi-head latent attention
+    q_lora_rank: int = 0  # rank of the query compression; 0 = queries projected directly (DeepSeek 16B)
+    qk_nope_head_dim: int = 128  # per-head query/key width without RoPE
+    qk_rope_head_dim: int = 64  # per-head query/key width that RoPE rotates (the key part is shared by all heads)
+    v_head_dim: int = 128  # per-head value width
+
+
+@dataclass
+class ModelConfig:
+    name: str = "llama3"  # model family, a key of pretrain.models.FAMILIES
+    flavor: str = "debug"  # preset name within the family (informational; all dims are below)
+    dim: int = 256  # hidden size D
+    n_layers: int = 6  # transformer blocks
+    n_heads: int = 16  # query heads H
+    n_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention; null = n_heads
+    head_dim: Optional[int] = None  # width of one head E; null = dim / n_heads (Qwen3: 128)
+    vocab_size: int = 2048  # embedding rows; must be >= the tokenizer's vocabulary
+    ffn_hidden_dim: Optional[int] = None  # dense SwiGLU hidden size; null = from multiple_of and ffn_dim_multiplier (Llama's rule)
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (8B: 1.3); null = 1
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    rope_theta: float = 500000.0  # RoPE base frequency
+    rope_scaling: bool = True  # scale the RoPE frequencies for long context (the kind: rope_scaling_type)
+    rope_scaling_type: str = "llama3"  # llama3 (Llama 3.1's bands) | yarn (DeepSeek-V3)
+    rope_scaling_factor: float = 8.0  # context extension factor (Llama 3.1: 8, DeepSeek-V3 YaRN: 40)
+    rope_low_freq_factor: float = 1.0  # llama3 scaling: low-frequency factor
+    rope_high_freq_factor: float = 4.0  # llama3 scaling: high-frequency factor
+    rope_original_max_seq_len: int = 8192  # context length the frequencies were trained for (DeepSeek-V3: 4096)
+    rope_yarn_beta_fast: float = 32.0  # yarn: rotations above which a frequency is kept as it is
+    rope_yarn_beta_slow: float = 1.0  # yarn: rotations below which a frequency is fully interpolated
+    rope_yarn_mscale: float = 1.0  # yarn: attention temperature coefficient (DeepSeek 16B: 0.707)
+    tie_word_embeddings: bool = False  # share the output projection with the token embedding
+    hf_assets_path: str = ""  # directory with an HF tokenizer.json (or tokenizer.model); "" = none
+    moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts feed-forward (n_routed_experts > 0)
+    mla: MLAConfig = field(default_factory=MLAConfig)  # multi-head latent attention (DeepSeek-V3)
+
+
+def head_dim(m: ModelConfig) -> int:
+    """E: explicit, or dim / n_heads."""
+    return m.head_dim or m.dim // m.n_heads
+
+
+def ffn_hidden_dim(m: ModelConfig) -> int:
+    """The dense SwiGLU hidden size: explicit, or Llama's rule (2/3 x 4D, scaled, rounded up to multiple_of)."""
+    if m.ffn_hidden_dim is not None:
+        return m.ffn_hidden_dim
+    hidden = int(2 * 4 * m.dim / 3)
+    if m.ffn_dim_multiplier is not None:
+        hidden = int(m.ffn_dim_multiplier * hidden)
+    return m.multiple_of * ((hidden + m.multiple_of - 1) // m.multiple_of)
+
+
+def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
+    """Whether block `layer_id` has a MoE feed-forward."""
+    return m.moe.n_routed_experts > 0 and layer_id >= m.moe.n_dense_layers
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Rules of the model section; raises ConfigError naming the key and the fix."""
+    from pretrain.config import ConfigError, _choice, _positive
+
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta"):
+        _positive(f"model.{key}", getattr(m, key))
+    for key in ("ffn_dim_multiplier", "head_dim", "ffn_hidden_dim"):
+        if getattr(m, key) is not None:
+            _positive(f"model.{key}", getattr(m, key))
+    _choice("model.rope_scaling_type", m.rope_scaling_type, ("llama3", "yarn"))
+    if m.rope_scaling:
+        for key in ("rope_scaling_factor", "rope_original_max_seq_len"):
+            _positive(f"model.{key}", getattr(m, key))
+        if m.rope_scaling_type == "llama3":
+            _positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
+            if not m.rope_high_freq_factor > m.rope_low_freq_factor:
+                raise ConfigError(
+                    f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be greater than "
+                    f"model.rope_low_freq_factor={m.rope_low_freq_factor}. Fix: e.g. 4.0 and 1.0 (Llama 3.1)."
+                )
+        else:
+            for key in ("rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_mscale"):
+                _positive(f"model.{key}", getattr(m, key))
+            if not m.rope_yarn_beta_fast > m.rope_yarn_beta_slow:
+                raise ConfigError(
+                    f"model.rope_yarn_beta_fast={m.rope_yarn_beta_fast} must be greater than "
+                    f"model.rope_yarn_beta_slow={m.rope_yarn_beta_slow}. Fix: e.g. 32 and 1 (DeepSeek-V3)."
+                )
+    if m.head_dim is None and m.dim % m.n_heads:
+        raise ConfigError(
+            f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}. "
+            "Fix: choose n_heads that divides dim, or set model.head_dim."
+        )
+    if m.n_kv_heads is not None and m.n_kv_heads <= 0:
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} must be > 0. Fix: set it to a divisor of model.n_heads, or null for n_heads."
+        )
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} is not a multiple of model.n_kv_heads={m.n_kv_heads}. "
+            "Fix: set n_kv_heads to a divisor of n_heads (or null for n_heads)."
+        )
+    if head_dim(m) % 2:
+        raise ConfigError(f"head width {head_dim(m)} (model.head_dim or dim / n_heads) is odd; RoPE rotates pairs. Fix: make it even.")
+    _validate_moe(m)
+    _validate_mla(m)
+    _validate_family(m)
+
+
+def _validate_family(m: ModelConfig) -> None:
+    from pretrain.config import ConfigError
+    from pretrain.models import FAMILIES, FEATURES, requested_features
+
+    if m.name not in FAMILIES:
+        return  # config.validate names the unknown family
+    for feature, key in requested_features(m).items():
+        if feature not in FEATURES[m.name]:
+            has = ", ".join(n for n in FEATURES if feature in FEATURES[n])
+            raise ConfigError(
+                f"{key}: the {m.name} family does not implement it (families that do: {has or 'none'}). "
+                f"Fix: use one of those families (model=...), or turn it off for model.name={m.name}."
+            )
+
+
+def _validate_moe(m: ModelConfig) -> None:
+    from pretrain.config import ConfigError, _choice, _positive
+
+    e = m.moe
+    for key in ("n_routed_experts", "n_shared_experts", "n_dense_layers", "bias_update_speed", "aux_loss_coeff"):
+        _positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
+    if not e.n_routed_experts:
+        return
+    for key in ("top_k", "hidden_dim", "route_scale", "n_expert_groups", "n_limited_groups"):
+        _positive(f"model.moe.{key}", getattr(e, key))
+    _choice("model.moe.score_func", e.score_func, ("softmax", "sigmoid"))
+    if e.n_dense_layers >= m.n_layers:
+        raise ConfigError(
+            f"model.moe.n_dense_layers={e.n_dense_layers} leaves no MoE layer of model.n_layers={m.n_layers}. "
+            "Fix: lower n_dense_layers, or model.moe.n_routed_experts=0 for a dense model."
+        )
+    if e.n_routed_experts % e.n_expert_groups:
+        raise ConfigError(
+            f"model.moe.n_routed_experts={e.n_routed_experts} is not divisible by model.moe.n_expert_groups="
+            f"{e.n_expert_groups}. Fix: use a number of groups that divides the experts (1 turns grouping off)."
+        )
+    if e.n_limited_groups > e.n_expert_groups:
+        raise ConfigError(
+            f"model.moe.n_limited_groups={e.n_limited_groups} exceeds model.moe.n_expert_groups={e.n_expert_groups}. "
+            "Fix: n_limited_groups <= n_expert_groups."
+        )
+    reachable = e.n_limited_groups * e.n_routed_experts // e.n_expert_groups
+    if e.top_k > reachable:
+        raise ConfigError(
+            f"model.moe.top_k={e.top_k} is more than the {reachable} experts a token can reach "
+            f"(n_routed_experts={e.n_routed_experts}, n_limited_groups={e.n_limited_groups} of "
+            f"n_expert_groups={e.n_expert_groups}). Fix: lower top_k or raise n_limited_groups."
+        )
+
+
+def _validate_mla(m: ModelConfig) -> None:
+    from pretrain.config import ConfigError, _positive
+
+    a = m.mla
+    for key in ("kv_lora_rank", "q_lora_rank"):
+        _positive(f"model.mla.{key}", getattr(a, key), allow_zero=True)
+    if not a.kv_lora_rank:
+        return
+    for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        _positive(f"model.mla.{key}", getattr(a, key))
+    if a.qk_rope_head_dim % 2:
+        raise ConfigError(f"model.mla.qk_rope_head_dim={a.qk_rope_head_dim} is odd; RoPE rotates pairs. Fix: make it even.")
