@@ -34,9 +34,33 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def dense_transformer_flops(model: nn.Module, embedding: nn.Embedding, cfg: "ModelConfig", seq_len: int) -> tuple[int, float]:
-    """torchtitan's definition: 6 x non-embedding params (forward + backward matmuls)
-    + 12 x layers x heads x head_dim x seq_len (attention scores and values, forward + backward)."""
+def inactive_expert_params(model: nn.Module) -> int:
+    """Routed-expert parameters a token does not use: (1 - top_k / E) of every MoE layer's routed experts."""
+    from pretrain.models.moe import MoE
+
+    inactive = 0
+    for module in model.modules():
+        if isinstance(module, MoE):
+            routed = sum(p.numel() for p in module.experts.parameters())
+            inactive += routed * (module.args.n_experts - module.args.top_k) // module.args.n_experts
+    return inactive
+
+
+def decoder_flops(
+    model: nn.Module, embedding: nn.Embedding, cfg: "ModelConfig", seq_len: int,
+    qk_head_dim: int | None = None, v_head_dim: int | None = None,
+) -> tuple[int, float]:
+    """torchtitan's definition: 6 x active non-embedding params (forward + backward matmuls; a MoE layer
+    counts its top-k routed experts, not all E) + 6 x layers x heads x (qk + v head widths) x seq_len
+    (attention scores and values, forward + backward; 12 x L x H x E x T when q, k and v share E).
+    Returns (all parameters, FLOPs per token)."""
     n_params = count_params(model)
-    flops = 6 * (n_params - embedding.weight.numel()) + 12 * cfg.n_layers * cfg.n_heads * head_dim(cfg) * seq_len
+    qk, v = qk_head_dim or head_dim(cfg), v_head_dim or head_dim(cfg)
+    active = n_params - inactive_expert_params(model) - embedding.weight.numel()
+    flops = 6 * active + 6 * cfg.n_layers * cfg.n_heads * (qk + v) * seq_len
     return n_params, float(flops)
+
+
+def dense_transformer_flops(model: nn.Module, embedding: nn.Embedding, cfg: "ModelConfig", seq_len: int) -> tuple[int, float]:
+    """decoder_flops for a dense model with one head width."""
+    return decoder_flops(model, embedding, cfg, seq_len)
