@@ -71,7 +71,7 @@ BUDGET = ("activation_checkpoint.mode=memory_budget", "compile.enable=true")
 MOE = ("model.name=qwen3", "model.rope_scaling=false", "model.moe.n_routed_experts=8", "model.moe.hidden_dim=32",
        "model.moe.top_k=2")
 MLA = ("model.name=deepseek_v3", "model.rope_scaling=false", "model.mla.kv_lora_rank=16")
-YARN = ("model.name=deepseek_v3", "model.rope_scaling_type=yarn")
+YARN = ("model.name=deepseek_v3", "model.rope_scaling_type=yarn", "model.mla.kv_lora_rank=16")
 
 # key -> (rule, overrides under which the rule applies); _bad_value() draws a value that breaks the rule
 RANGES = {
@@ -93,7 +93,7 @@ RANGES = {
     **{f"parallelism.{k}": ("int>0", ()) for k in ("data_parallel_replicate_degree", "tensor_parallel_degree",
                                                     "pipeline_parallel_degree", "context_parallel_degree")},
     "parallelism.data_parallel_shard_degree": ("int>0|-1", ()),
-    "parallelism.expert_parallel_degree": ("==1", ()),  # expert parallelism has not landed
+    "parallelism.expert_parallel_degree": ("int>0", ()),
     "parallelism.pipeline_parallel_microbatch_size": ("int>0", PIPELINE),
     "parallelism.pipeline_parallel_layers_per_stage": ("int>0", PIPELINE),
     "parallelism.pipeline_parallel_first_stage_less_layers": ("int>=0", PIPELINE),
@@ -331,9 +331,13 @@ def _pp_tied(rng):
 
 
 def _expert(rng):
-    ep = rng.choice([2, 4, 8])
-    return ["parallelism=fsdp", f"cluster.nproc_per_node={ep}", f"parallelism.expert_parallel_degree={ep}"], \
-        ["parallelism.expert_parallel_degree"]
+    if rng.random() < 0.5:  # a dense model has no experts to split
+        ep = rng.choice([2, 4, 8])
+        return ["parallelism=fsdp", f"cluster.nproc_per_node={ep}", f"parallelism.expert_parallel_degree={ep}"], \
+            ["parallelism.expert_parallel_degree"]
+    ep = rng.choice([3, 6])  # 8 experts do not split over 3 or 6 expert ranks
+    return [*MOE, "parallelism=fsdp", f"cluster.nproc_per_node={ep}", f"parallelism.expert_parallel_degree={ep}"], \
+        ["model.moe.n_routed_experts", "parallelism.expert_parallel_degree"]
 
 
 def _stages_per_rank(rng):
@@ -464,9 +468,9 @@ def valid_args(rng: random.Random) -> list[str]:
     args = []
     model = rng.choice(OPTIONS["model"])
     preset = OmegaConf.load(CONF / "model" / f"{model}.yaml")
-    heads, kv, layers = preset.n_heads, preset.n_kv_heads or preset.n_heads, preset.n_layers
+    heads, kv, layers = preset.n_heads, preset.get("n_kv_heads") or preset.n_heads, preset.n_layers
     args.append(f"model={model}")
-    if model == "llama3_debug" or rng.random() < 0.5:
+    if model == "llama3_debug" or (model.startswith("llama3") and rng.random() < 0.5):  # other families: their dims
         heads = rng.choice([1, 2, 4, 8, 16])
         kv, layers = rng.choice(_divisors(heads)), rng.randint(1, 8)
         args += [f"model.n_heads={heads}", f"model.dim={heads * rng.choice([8, 16, 32])}", f"model.n_layers={layers}",

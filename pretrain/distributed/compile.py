@@ -18,6 +18,8 @@ Three boundaries between eager and compiled code need care:
   dynamo cannot put in a graph. Blocks with it are compiled without fullgraph, with the attention op
   excluded, so each block becomes two graphs (before and after attention) around the eager op.
 - Full activation checkpointing stays eager around the compiled block (see `_compile_target`).
+- A MoE layer sizes its expert batches from the routing (`counts.tolist()`, and the all-to-all under
+  expert parallelism): data-dependent shapes, so MoE blocks compile without fullgraph, breaking there.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def apply_compile(blocks: nn.ModuleDict, cfg: "CompileConfig") -> None:
     for block in blocks.values():
         has_eager_ops = _exclude_context_parallel_attention(block)
         target = _compile_target(block)
-        target.compile(backend=cfg.backend, fullgraph=not has_eager_ops)
+        has_moe = getattr(block, "moe", None) is not None
+        target.compile(backend=cfg.backend, fullgraph=not (has_eager_ops or has_moe))
         # Module.compile stores the compiled __call__ here; _wrapped_call_impl calls it (torch >= 2.2)
         target._compiled_call_impl = with_async_inputs_resolved(target._compiled_call_impl)
 

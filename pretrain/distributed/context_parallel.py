@@ -243,7 +243,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
 
 
 class ContextParallelAttention:
-    """An `attention_op` for load-balanced CP shards: (q, k, v) of shape (B, H, 2C, E) -> (B, H, 2C, E)."""
+    """An `attention_op` for load-balanced CP shards: q, k (B, H, 2C, E) and v (B, H, 2C, Ev <= E) -> (B, H, 2C, Ev)."""
 
     def __init__(self, method: str, group: dist.ProcessGroup):
         if method not in METHODS:
@@ -255,7 +255,10 @@ class ContextParallelAttention:
         self.fn = allgather_attention if method == "allgather" else ring_attention
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return self.fn(q, k, v, self.group)
+        width = v.shape[-1]
+        if width < k.shape[-1]:  # K and V travel stacked: zero columns widen V (MLA: 128 vs 192) and are cut after
+            v = F.pad(v, (0, k.shape[-1] - width))
+        return self.fn(q, k, v, self.group)[..., :width]
 
     def __repr__(self) -> str:
         return f"ContextParallelAttention(method={self.method}, cp={dist.get_world_size(self.group)})"

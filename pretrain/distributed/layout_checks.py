@@ -28,6 +28,7 @@ def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
                     f"model.{key}={heads} is not divisible by parallelism.tensor_parallel_degree={dims.tp}: "
                     f"each TP rank must hold whole heads. Fix: use a tensor_parallel_degree that divides {heads}."
                 )
+    check_experts(job, dims)
     # sequence parallel splits T over tp; load-balanced CP splits it into 2 x cp chunks, each over tp
     seq_factor = 2 * dims.cp * dims.tp if dims.cp_enabled else dims.tp
     if t.seq_len % seq_factor:
@@ -45,6 +46,29 @@ def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
     if dims.pp_enabled or p.pipeline_parallel_schedule != "1F1B":
         check_pipeline(job, dims)
 
+
+
+def check_experts(job: "JobConfig", dims: "ParallelDims") -> None:
+    """Expert parallelism needs experts to split; TP splits each expert's hidden units."""
+    e = job.model.moe
+    if dims.ep_enabled and not e.n_routed_experts:
+        raise ConfigError(
+            f"parallelism.expert_parallel_degree={dims.ep} but model {job.model.name}/{job.model.flavor} has no "
+            "experts (model.moe.n_routed_experts=0). Fix: parallelism.expert_parallel_degree=1, or a MoE model."
+        )
+    if dims.ep_enabled and e.n_routed_experts % dims.ep:
+        raise ConfigError(
+            f"model.moe.n_routed_experts={e.n_routed_experts} is not divisible by parallelism.expert_parallel_degree="
+            f"{dims.ep}: each expert rank holds the same number of experts. Fix: an expert_parallel_degree that "
+            f"divides {e.n_routed_experts}."
+        )
+    if dims.tp_enabled and e.n_routed_experts:
+        for key, hidden in (("hidden_dim", e.hidden_dim), ("n_shared_experts x hidden_dim", e.n_shared_experts * e.hidden_dim)):
+            if hidden % dims.tp:
+                raise ConfigError(
+                    f"model.moe.{key}={hidden} is not divisible by parallelism.tensor_parallel_degree={dims.tp}: TP "
+                    "splits each expert's hidden units. Fix: a tensor_parallel_degree that divides it."
+                )
 
 
 def check_pipeline(job: "JobConfig", dims: "ParallelDims") -> None:

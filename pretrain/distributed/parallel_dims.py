@@ -5,6 +5,12 @@ of 1 keeps its dimension, so every view exists in every layout). Derived, flatte
   dp          = dp_replicate x dp_shard        ranks that read different data
   dp_shard_cp = dp_shard x cp                  FSDP shards parameters over these
   dp_cp       = dp_replicate x dp_shard x cp   the loss and its gradients are averaged over these
+
+Expert parallelism borrows its ranks from dp_shard x cp, as torchtitan does: dp_shard is split into
+dp_shard_mod_ep x dp_shard_in_ep (both root dimensions, only when ep > 1), and
+  ep          = dp_shard_in_ep x cp            the experts are split over these (all-to-all of tokens)
+  ep_tp       = (ep, tp)                       the experts' 2-D mesh when TP also splits their hidden units
+  dp_mod_ep   = dp_shard_mod_ep                FSDP shards the experts over these (HSDP: with dp_replicate)
 Importing this module does not import torch.
 """
 
@@ -20,8 +26,7 @@ if TYPE_CHECKING:
     from pretrain.config import ParallelismConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-# Degrees whose implementation has not landed; they are refused before launch.
-NOT_YET: set[str] = {"expert_parallel_degree"}
+EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp")
 
 
 @dataclass
@@ -32,6 +37,7 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    ep: int = 1
     # filled by build_mesh(): the world mesh and its flattened views
     world_mesh: "DeviceMesh | None" = field(default=None, repr=False)
     meshes: dict = field(default_factory=dict, repr=False)
@@ -40,16 +46,13 @@ class ParallelDims:
     def from_config(cls, p: "ParallelismConfig", world_size: int) -> "ParallelDims":
         from pretrain.config import ConfigError
 
-        for key in sorted(NOT_YET):
-            if getattr(p, key) != 1:
-                raise ConfigError(f"parallelism.{key}={getattr(p, key)} is not supported yet. Fix: set parallelism.{key}=1.")
         degrees = {
             "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
             "context_parallel_degree": p.context_parallel_degree,
             "tensor_parallel_degree": p.tensor_parallel_degree,
             "pipeline_parallel_degree": p.pipeline_parallel_degree,
         }
-        for key, value in degrees.items():
+        for key, value in {**degrees, "expert_parallel_degree": p.expert_parallel_degree}.items():
             if value < 1:
                 raise ConfigError(f"parallelism.{key}={value} must be >= 1. Fix: use 1 to disable it.")
         shard = p.data_parallel_shard_degree
@@ -69,7 +72,16 @@ class ParallelDims:
                 f"{shard * others}, but the world size is {world_size}. Fix: make the product {world_size}, e.g. "
                 "parallelism.data_parallel_shard_degree=-1."
             )
+        ep, cp = p.expert_parallel_degree, p.context_parallel_degree
+        if ep > 1 and (ep % cp or (shard * cp) % ep):
+            raise ConfigError(
+                f"parallelism.expert_parallel_degree={ep} must be a multiple of context_parallel_degree={cp} and "
+                f"divide data_parallel_shard_degree x context_parallel_degree = {shard} x {cp} = {shard * cp}: the "
+                "expert ranks are borrowed from the FSDP and CP ranks. Fix: use an expert_parallel_degree that "
+                f"divides {shard * cp} (and is a multiple of {cp})."
+            )
         return cls(
+            ep=ep,
             dp_replicate=p.data_parallel_replicate_degree,
             dp_shard=shard,
             cp=p.context_parallel_degree,
@@ -99,12 +111,18 @@ class ParallelDims:
     def cp_enabled(self) -> bool:
         return self.cp > 1
 
+    @property
+    def ep_enabled(self) -> bool:
+        return self.ep > 1
+
     def build_mesh(self, device_type: str) -> "DeviceMesh | None":
         """The world's DeviceMesh and its flattened views; None for a single process."""
         if self.world_size == 1:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
+        if self.ep_enabled:
+            return self._build_mesh_with_ep(device_type)
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
         self.world_mesh = mesh
@@ -112,14 +130,40 @@ class ParallelDims:
         self.meshes["dp"] = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         self.meshes["dp_shard_cp"] = mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
         self.meshes["dp_cp"] = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+        self._add_hsdp_view(mesh)
+        return mesh
+
+    def _build_mesh_with_ep(self, device_type: str) -> "DeviceMesh":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        in_ep = self.ep // self.cp
+        sizes = (self.pp, self.dp_replicate, self.dp_shard // in_ep, in_ep, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=EP_MESH_DIMS)
+        self.world_mesh = mesh
+        self.meshes = {name: mesh[name] for name in ("pp", "dp_replicate", "cp", "tp")}
+        self.meshes["dp_shard"] = mesh[("dp_shard_mod_ep", "dp_shard_in_ep")]._flatten("dp_shard")
+        self.meshes["dp"] = mesh[("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep")]._flatten("dp")
+        self.meshes["dp_shard_cp"] = mesh[("dp_shard_mod_ep", "dp_shard_in_ep", "cp")]._flatten("dp_shard_cp")
+        self.meshes["dp_cp"] = mesh[("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp")]._flatten("dp_cp")
+        self.meshes["ep"] = mesh[("dp_shard_in_ep", "cp")]._flatten("ep")
+        self.meshes["dp_mod_ep"] = mesh["dp_shard_mod_ep"]
+        with warnings.catch_warnings():  # 2-D views that mix a flattened dimension with a root one
+            warnings.filterwarnings("ignore", message=".*flattened dim from root mesh.*")
+            self.meshes["ep_tp"] = mesh[("ep", "tp")]
+            if self.dp_replicate > 1:
+                self.meshes["hsdp_mod_ep"] = mesh[("dp_replicate", "dp_shard_mod_ep")]
+        self._add_hsdp_view(mesh)
+        return mesh
+
+    def _add_hsdp_view(self, mesh: "DeviceMesh") -> None:
         if self.dp_replicate > 1:
             with warnings.catch_warnings():  # HSDP needs (replicate, flattened shard x cp) as one 2-D mesh
                 warnings.filterwarnings("ignore", message=".*flattened dim from root mesh.*")
                 self.meshes["hsdp"] = mesh[("dp_replicate", "dp_shard_cp")]
-        return mesh
 
     def mesh(self, name: str) -> "DeviceMesh | None":
-        """A named view (pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp); None for one process."""
+        """A named view (pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp; with EP also ep, ep_tp,
+        dp_mod_ep); None for one process."""
         return self.meshes.get(name)
 
     def process_groups(self) -> list:
@@ -129,3 +173,7 @@ class ParallelDims:
     def fsdp_mesh(self) -> "DeviceMesh":
         """FSDP's mesh: 1-D over dp_shard x cp, or 2-D (replicate, shard x cp) for HSDP."""
         return self.meshes["hsdp"] if self.dp_replicate > 1 else self.meshes["dp_shard_cp"]
+
+    def expert_fsdp_mesh(self) -> "DeviceMesh":
+        """FSDP's mesh for the experts under EP: the FSDP ranks that hold the same experts."""
+        return self.meshes["hsdp_mod_ep"] if self.dp_replicate > 1 else self.meshes["dp_mod_ep"]

@@ -60,14 +60,24 @@ def clip_grad_norm_(
     Returns a plain tensor holding the norm before clipping."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in params if p.grad is not None]
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if isinstance(total, DTensor):  # a partial norm per shard: full_tensor() reduces it
-        total = total.full_tensor()
+    # DTensor norms reduce over their own mesh; under expert parallelism the experts live on another mesh
+    # than the rest, so the squares are summed per mesh, then added (and clipping runs per mesh)
+    by_mesh: dict = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(p.grad.device_mesh if isinstance(p.grad, DTensor) else None, []).append(p)
+    squares = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+        if isinstance(norm, DTensor):  # a partial norm per shard: full_tensor() reduces it
+            norm = norm.full_tensor()
+        squares.append(norm.float() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
     if pp_group is not None:  # each pp rank holds other parameters: add the squares
         total = total**2
         dist.all_reduce(total, group=pp_group)
         total = total.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        for group in by_mesh.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total, foreach=True)
     return total
