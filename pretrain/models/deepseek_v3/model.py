@@ -1,0 +1,186 @@
+"""DeepSeek-V3 (and the V2 shapes) as plain nn.Modules: multi-head latent attention (MLA), a dense SwiGLU
+in the first `moe.n_dense_layers` blocks and the shared MoE layer in the others, RoPE with YaRN.
+Shapes: B batch, T sequence, D dim, H heads; per head N = qk_nope_head_dim, R = qk_rope_head_dim,
+V = v_head_dim; L = kv_lora_rank, Q = q_lora_rank.
+
+MLA, one block:
+    q       = wq(x)                or  wq_b(q_norm(wq_a(x)))      (B, T, H, N + R)
+    kv, k_r = wkv_a(x)                                             (B, T, L), (B, T, R): k_r shared by all heads
+    k_n, v  = wkv_b(kv_norm(kv))                                   (B, T, H, N), (B, T, H, V)
+    q_r, k_r rotated by RoPE; k = [k_n, k_r]; softmax(q k^T * scale) v -> wo -> (B, T, D)
+
+RoPE rotates adjacent pairs (2i, 2i+1) of the R rope dimensions, as Llama's does here and as DeepSeek's
+own checkpoints are laid out (transformers' DeepseekV3 with rope_interleave=true): weights map to the
+Hugging Face ones without any row permutation.
+
+YaRN (model.rope_scaling=true, rope_scaling_type=yarn) is applied whenever it is configured, at any
+sequence length, as transformers applies it (DeepSeek's reference and torchtitan only switch it on when
+the run's sequence length exceeds rope_original_max_seq_len). The published checkpoints were trained with
+it, so imported weights see the frequencies they expect; to pretrain at the original context with plain
+RoPE, as DeepSeek's first stage did, set model.rope_scaling=false.
+
+The embedding, final norm, output head, forward and init order are Llama's (the same module names, so the
+parallelism plans, pipeline split and checkpoint code fit every family).
+No distributed code here: parallelize.py beside this file says how to shard it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from pretrain.config import ModelConfig
+from pretrain.model_config import ffn_hidden_dim, is_moe_layer
+from pretrain.models.llama3 import model as llama
+from pretrain.models.moe import MoE, MoEArgs
+
+# q_norm and kv_norm use DeepSeek's fixed epsilon (its reference code and transformers do), not model.norm_eps
+LATENT_NORM_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- RoPE with YaRN
+def uses_yarn(cfg: ModelConfig) -> bool:
+    return cfg.rope_scaling and cfg.rope_scaling_type == "yarn"
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN's attention temperature: 0.1 x mscale x ln(factor) + 1 (1 when the context is not extended)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale_factor(cfg: ModelConfig) -> float:
+    """What multiplies the usual 1/sqrt(N + R) softmax scale: mscale^2 under YaRN, else 1."""
+    return yarn_mscale(cfg.rope_scaling_factor, cfg.rope_yarn_mscale) ** 2 if uses_yarn(cfg) else 1.0
+
+
+def _yarn_ramp(cfg: ModelConfig, R: int, device: torch.device | None) -> torch.Tensor:
+    """(R/2,) in [0, 1]: 0 for the fast dimensions kept as they are (more than beta_fast rotations over
+    the original context), 1 for the slow ones fully interpolated (fewer than beta_slow), linear between."""
+
+    def dimension(rotations: float) -> float:  # the pair index that turns `rotations` times over the context
+        return R * math.log(cfg.rope_original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low = max(math.floor(dimension(cfg.rope_yarn_beta_fast)), 0)
+    high = min(math.ceil(dimension(cfg.rope_yarn_beta_slow)), R - 1)
+    if low == high:
+        high += 0.001  # no empty ramp
+    return ((torch.arange(R // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+
+
+def precompute_freqs_cis(cfg: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Complex rotations (T, R/2) for the rope part of q and k; with YaRN, the slow frequencies are divided
+    by rope_scaling_factor and a band between blended (the same numbers as transformers' "yarn" type)."""
+    R = cfg.mla.qk_rope_head_dim
+    wavelengths = cfg.rope_theta ** (torch.arange(0, R, 2, device=device, dtype=torch.float32) / R)
+    freqs = 1.0 / wavelengths
+    if uses_yarn(cfg):
+        ramp = _yarn_ramp(cfg, R, device)
+        freqs = (1.0 / (cfg.rope_scaling_factor * wavelengths)) * ramp + freqs * (1 - ramp)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+# ----------------------------------------------------------------------------- attention
+class MLAttention(nn.Module):
+    """Multi-head latent attention. Keys and values are rebuilt from one L-wide latent per token (plus
+    the R-wide rope key every head shares), queries from x directly or through a Q-wide latent."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a = cfg.mla
+        if not a.kv_lora_rank:
+            raise ValueError("model.mla.kv_lora_rank=0: DeepSeek-V3 attention needs the latent width. "
+                             "Fix: set it (the published sizes use 512).")
+        # the attention kernel; context parallelism swaps in one that sees the whole sequence
+        self.attention_op = llama.causal_attention
+        self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.kv_lora_rank, self.q_lora_rank = a.kv_lora_rank, a.q_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if self.q_lora_rank:
+            self.wq_a = nn.Linear(cfg.dim, self.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(self.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.wq_b = nn.Linear(self.q_lora_rank, cfg.n_heads * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(cfg.dim, cfg.n_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(cfg.dim, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
+        self.wkv_b = nn.Linear(self.kv_lora_rank, cfg.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
+        # SDPA scales by 1/sqrt(N + R); YaRN's temperature is folded into q (attention_op keeps (q, k, v))
+        self.q_scale = softmax_scale_factor(cfg)
+
+    def init_weights(self, init_std: float) -> None:
+        for name in ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b"):
+            if hasattr(self, name):
+                nn.init.trunc_normal_(getattr(self, name).weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
+        for norm in (getattr(self, "q_norm", None), self.kv_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        # heads as -1: under tensor parallelism wq / wq_b / wkv_b hold this rank's heads only
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if self.q_lora_rank else self.wq(x)
+        q_nope, q_rope = q.unflatten(-1, (-1, self.nope_dim + self.rope_dim)).split(
+            [self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, N), (B, T, H, R)
+        kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, T, L), (B, T, R)
+        q_rope, k_rope = llama.apply_rotary_emb(q_rope, k_rope.unsqueeze(2), freqs_cis)  # k_rope (B, T, 1, R)
+        k_nope, v = self.wkv_b(self.kv_norm(kv)).unflatten(-1, (-1, self.nope_dim + self.v_dim)).split(
+            [self.nope_dim, self.v_dim], dim=-1)  # (B, T, H, N), (B, T, H, V)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, N + R)
+        k = torch.cat([k_nope, k_rope.expand(-1, -1, k_nope.shape[2], -1)], dim=-1)  # (B, T, H, N + R)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        out = self.attention_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, T, V)
+        return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, D)
+
+
+# ----------------------------------------------------------------------------- blocks and model
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then h + ffn(norm(h)); the ffn is a dense SwiGLU
+    (`feed_forward`) in the first moe.n_dense_layers blocks and the routed experts (`moe`) after."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = MLAttention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        moe = is_moe_layer(cfg, layer_id)
+        self.moe = MoE(MoEArgs.from_config(cfg)) if moe else None
+        self.feed_forward = None if moe else llama.FeedForward(cfg, hidden=ffn_hidden_dim(cfg))
+        self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5  # deeper blocks start smaller (as Llama's)
+
+    @property
+    def ffn(self) -> nn.Module:
+        return self.feed_forward if self.moe is None else self.moe
+
+    def init_weights(self) -> None:
+        for norm in (self.attention_norm, self.ffn_norm):
+            norm.reset_parameters()
+        self.attention.init_weights(self.init_std)
+        self.ffn.init_weights(self.init_std)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis)  # (B, T, D)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class Transformer(llama.Transformer):
+    """tokens (B, T) -> logits (B, T, V), with Llama's ModuleDict-of-blocks contract for pipeline stages
+    (embedding, final norm and output may be None). `freqs_cis` (T, R/2) covers the rope dimensions."""
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int):
+        # Llama's skeleton (embedding, norm, output, RoPE buffer) built without blocks, then ours
+        super().__init__(dataclasses.replace(cfg, n_layers=0), max_seq_len)
+        self.cfg = cfg
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
+        self.freqs_cis = precompute_freqs_cis(cfg, max_seq_len)  # the registered buffer, now of width R/2
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Llama's init (embedding, blocks, norm, output), then this family's RoPE table."""
+        super().init_weights(buffer_device)
+        self.freqs_cis = precompute_freqs_cis(self.cfg, self.max_seq_len, device=buffer_device)
