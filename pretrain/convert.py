@@ -144,7 +144,7 @@ def from_hf(args: argparse.Namespace) -> None:
 
     from pretrain.checkpoint import TRAIN_STATE, TrainState
     from pretrain.distributed.fsdp import DTYPES
-    from pretrain.hf_io import read_config, read_hf, weight_map
+    from pretrain.hf_io import hf_names, read_config, read_hf, weight_map
     from pretrain.models import get_model_spec
 
     spec = get_model_spec(model_cfg.name)
@@ -158,11 +158,12 @@ def from_hf(args: argparse.Namespace) -> None:
         keys = list(spec.build_model(model_cfg, 1).state_dict())
     needed = spec.hf_adapter.hf_keys_needed(keys, model_cfg)
     files = weight_map(args.hf_dir)
-    missing = sorted({hf_key for hf_key in needed.values() if hf_key not in files})
+    wanted = {n for src in needed.values() for n in hf_names(src)}
+    missing = sorted(n for n in wanted if n not in files)
     if missing:
         raise ConfigError(f"hf_dir {args.hf_dir!r} has no tensor {missing[0]!r} ({len(missing)} missing). "
                           "Fix: check that the folder holds this model's weights.")
-    hf_sd = read_hf(args.hf_dir, set(needed.values()), files)
+    hf_sd = read_hf(args.hf_dir, wanted, files)
     state_dict = {k: v.to(DTYPES[args.dtype]) for k, v in spec.hf_adapter.from_hf(hf_sd, model_cfg, keys=keys).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -60,7 +60,11 @@ def save_hf(
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     adapter = adapter_of(spec)
-    hf_sd = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in adapter.to_hf(state_dict, model_cfg).items()}
+    keep_fp32 = getattr(adapter, "FP32_KEYS", ())  # e.g. DeepSeek's routing bias, kept in fp32 on the hub
+    hf_sd = {
+        k: v.detach().to("cpu", torch.float32 if k.endswith(keep_fp32) else DTYPES[dtype]).contiguous()
+        for k, v in adapter.to_hf(state_dict, model_cfg).items()
+    }
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for key, tensor in hf_sd.items():
@@ -154,6 +158,11 @@ def read_hf(hf_dir: str, keys: Iterable[str] | None = None, files: dict[str, str
     return out
 
 
+def hf_names(source: str | list[str]) -> list[str]:
+    """The HF tensor names one of our parameters is read from: one, or several (stacked experts)."""
+    return [source] if isinstance(source, str) else list(source)
+
+
 def load_hf_into(model_parts: list[nn.Module], hf_dir: str, spec: "ModelSpec", model_cfg: "ModelConfig",
                  strict: bool = True, chunk_bytes: int = LOAD_CHUNK_BYTES) -> None:
     """Fill each model part (a whole model or a pipeline stage, wrapped or not, sharded or not) with the
@@ -170,12 +179,12 @@ def load_hf_into(model_parts: list[nn.Module], hf_dir: str, spec: "ModelSpec", m
         own = get_model_state_dict(part)  # names without wrapper prefixes; values: local tensors or DTensors
         needed = adapter.hf_keys_needed(own, model_cfg)
         if not strict:
-            needed = {key: hf_key for key, hf_key in needed.items() if hf_key in files}
-        missing = [hf_key for hf_key in needed.values() if hf_key not in files]
+            needed = {key: src for key, src in needed.items() if all(n in files for n in hf_names(src))}
+        missing = [n for src in needed.values() for n in hf_names(src) if n not in files]
         if missing:
             raise KeyError(f"{hf_dir} has no tensor {missing[0]!r} ({len(missing)} of this model's tensors missing)")
         for chunk in _chunks(list(needed), own, chunk_bytes):
-            hf_sd = read_hf(hf_dir, {needed[key] for key in chunk}, files)
+            hf_sd = read_hf(hf_dir, {n for key in chunk for n in hf_names(needed[key])}, files)
             sd = adapter.from_hf(hf_sd, model_cfg, keys=chunk)
             for key, value in sd.items():
                 if tuple(value.shape) != tuple(own[key].shape):

@@ -24,7 +24,7 @@ class MoEConfig:
     n_expert_groups: int = 1  # group-limited routing: experts split into this many groups (DeepSeek: 8); 1 = off
     n_limited_groups: int = 1  # groups a token may route to, chosen by their top-2 scores (DeepSeek-V3: 4)
     bias_update_speed: float = 0.0  # auxiliary-loss-free balancing: expert-bias step per optimizer step (DeepSeek-V3: 1e-3); 0 = off
-    aux_loss_coeff: float = 0.0  # weight of the load-balancing auxiliary loss, E x sum_e f_e P_e (Qwen3: 0.001); 0 = off
+    aux_loss_coeff: float = 0.0  # weight of the Switch/Qwen3 balance loss (HF router_aux_loss_coef; Qwen3: 0.001), averaged over MoE layers; 0 = off
 
 
 @dataclass
@@ -139,11 +139,15 @@ def validate_model(m: ModelConfig) -> None:
 
 def _validate_family(m: ModelConfig) -> None:
     from pretrain.config import ConfigError
-    from pretrain.models import FAMILIES, FEATURES, requested_features
+    from pretrain.models import FAMILIES, FEATURES, REQUIRED, requested_features
 
     if m.name not in FAMILIES:
         return  # config.validate names the unknown family
-    for feature, key in requested_features(m).items():
+    wanted = requested_features(m)
+    for feature, what in REQUIRED.get(m.name, {}).items():
+        if feature not in wanted:
+            raise ConfigError(f"model.name={m.name} needs {what}. Fix: start from one of its presets (model={m.name}_...).")
+    for feature, key in wanted.items():
         if feature not in FEATURES[m.name]:
             has = ", ".join(n for n in FEATURES if feature in FEATURES[n])
             raise ConfigError(

@@ -31,6 +31,7 @@ from pretrain.distributed.utils import (
     set_collective_timeout,
     set_cpu_threads,
 )
+from pretrain.expert_load import ExpertLoad
 from pretrain.float8 import convert_to_float8, precompute_float8_scales
 from pretrain.log import init_logging, is_rank0, logger
 from pretrain.loss import build_loss_fn, per_step_loss
@@ -75,6 +76,12 @@ class Trainer:
             self.pipeline = Pipeline(self.model_parts, self.dims, job, self.device, self.loss_fn)
         self.model = None if self.pipeline else self.model_parts[0]
         self.params = [p for part in self.model_parts for p in part.parameters()]  # clipped every step
+        microbatches = t.global_batch_size // (t.local_batch_size * self.dims.dp)
+        if self.dims.pp_enabled:
+            microbatches *= t.local_batch_size // job.parallelism.pipeline_parallel_microbatch_size
+        self.expert_load = ExpertLoad(self.model_parts, job.model, microbatches, self.loss_group,
+                                      self.pipeline.group if self.pipeline else None)
+        self.expert_stats: dict = {}
         self.optimizer = build_optimizer(nn.ModuleList(self.model_parts), job.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(
@@ -161,6 +168,7 @@ class Trainer:
             self._on_nonfinite(loss_total, grad_norm)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.expert_stats = self.expert_load.step()  # MoE: expert-bias update and load metrics
         return loss_total, grad_norm
 
     def _on_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -236,6 +244,7 @@ class Trainer:
                 "elapsed_s": state.elapsed_s + since_start,
                 "tokens_seen": state.tokens_seen,
                 "nonfinite_steps": self.nonfinite_steps,
+                **{key: value.item() for key, value in self.expert_stats.items()},
                 **({"warmup": 1.0} if state.step == self.first_step else {}),  # readers drop it from steady state
             },
         )

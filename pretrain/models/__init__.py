@@ -18,6 +18,10 @@ FEATURES = {
 }
 
 
+# features a family cannot do without
+REQUIRED = {"deepseek_v3": {"mla": "model.mla.kv_lora_rank > 0 (multi-head latent attention)"}}
+
+
 def requested_features(m) -> dict[str, str]:
     """The features a model config asks for -> the key that asks (for the error message)."""
     wanted = {}

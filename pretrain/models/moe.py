@@ -153,12 +153,13 @@ class _AddAuxLoss(torch.autograd.Function):
 
 
 def balance_loss(scores: torch.Tensor, chosen: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """DeepSeek's balance loss over a batch of N tokens: sum_e f_e P_e with f_e = E / (k N) x tokens sent
-    to e and P_e the mean of e's score normalised over the experts. 1 when perfectly balanced."""
-    N, k = chosen.shape
-    f = torch.bincount(chosen.flatten(), minlength=n_experts).float() * n_experts / (k * N)
+    """The Switch / Qwen3-MoE load-balancing loss over a batch of N tokens: E x sum_e (slots routed to e / N)
+    x (mean score of e, scores normalised over the experts). top_k when perfectly balanced, up to E x top_k
+    when every token goes to the same experts."""
+    N = chosen.shape[0]
+    routed = torch.bincount(chosen.flatten(), minlength=n_experts).float() / N
     P = (scores / scores.sum(-1, keepdim=True)).mean(0)
-    return (f * P).sum()
+    return n_experts * (routed * P).sum()
 
 
 class MoE(nn.Module):
@@ -172,7 +173,8 @@ class MoE(nn.Module):
         self.shared_experts = None
         if args.n_shared_experts:
             self.shared_experts = GroupedExperts(args.dim, args.hidden_dim * args.n_shared_experts, 1)
-        # the training loop scales the balance loss by this forward's share of the step's tokens
+        # the training loop sets this to 1 / (MoE layers x micro-batches per step): the balance loss is then
+        # averaged over the layers and the step's micro-batches, as the cross-entropy is
         self.aux_loss_scale = 1.0
         self.register_buffer("expert_bias", torch.zeros(args.n_experts), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(args.n_experts), persistent=False)

@@ -25,7 +25,8 @@ class ModelSpec:
     params_and_flops: Callable[[nn.Module, "ModelConfig", int], tuple[int, float]]
     # Hugging Face state-dict adapter (a module or object), None if the family has none. It provides
     # to_hf(state_dict, cfg) / from_hf(hf_state_dict, cfg, keys=None) on full tensors, hf_config(cfg, dtype)
-    # -> config.json, hf_keys_needed(our keys, cfg) -> {our key: HF key} and config_mismatches(config.json, cfg)
+    # -> config.json, hf_keys_needed(our keys, cfg) -> {our key: HF key, or a list of HF keys for stacked experts},
+    # optional FP32_KEYS (HF name suffixes exported in fp32) and config_mismatches(config.json, cfg)
     hf_adapter: Optional[Any] = None
 
 

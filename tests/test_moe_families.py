@@ -1,0 +1,78 @@
+"""Layer 3 for the MoE families: expert parallelism (alone, with FSDP, with TP) on 2 and 4 CPU processes
+trains Qwen3-MoE and DeepSeek-V3 like one process, through launch.py, with the load metrics logged.
+
+The reference is one process with gradient accumulation over the same per-rank micro-batches: the balance
+loss (and the router's top-k) is computed per forward, so a data-parallel rank's micro-batch is the unit
+both sides share. (Without accumulation the balance loss would see 8 sequences at once instead of 4.)
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import losses, read_metrics, run_launch
+
+pytestmark = pytest.mark.multiprocess
+
+# fp32 on CPU: the layouts sum the same products in another order (reduce-scatter, all-to-all regrouping),
+# ~1e-7 relative per op; Adam can amplify that in tiny-gradient coordinates, so 1e-5 relative over 10 steps.
+# Measured (2026-11, torch 2.13 CPU): at most 2e-7. A token routed to the wrong expert or a gradient
+# missing a rank's share moves the loss by > 1e-4 within a few steps. (A routing near-tie could flip on
+# rounding and break this; the seeds here have none.)
+RTOL = 1e-5
+
+SMALL = {
+    "qwen3": ["model=qwen3_moe_debug", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+              "model.head_dim=16", "model.vocab_size=512", "model.moe.hidden_dim=32"],
+    "deepseek_v3": ["model=deepseek_v3_debug", "model.dim=64", "model.n_layers=3", "model.n_heads=4",
+                    "model.vocab_size=512", "model.ffn_hidden_dim=128", "model.moe.hidden_dim=32",
+                    "model.mla.kv_lora_rank=32", "model.mla.q_lora_rank=48", "model.mla.qk_nope_head_dim=16",
+                    "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=16"],
+}
+COMMON = ["training.seq_len=32", "training.steps=10", "training.deterministic=true", "training.global_batch_size=8",
+          "lr_scheduler.warmup_steps=2", "optimizer.lr=3e-3", "metrics.log_freq=1", "metrics.enable_aim=false",
+          "checkpoint.interval=100"]
+LAYOUTS = {  # name: (overrides, the reference with the same micro-batches)
+    "accum2": (["training.local_batch_size=4"], None),
+    "accum4": (["training.local_batch_size=2"], None),
+    "ep2": (["parallelism=fsdp", "cluster.nproc_per_node=2", "parallelism.expert_parallel_degree=2",
+             "training.local_batch_size=4"], "accum2"),
+    "ep4": (["parallelism=fsdp", "cluster.nproc_per_node=4", "parallelism.expert_parallel_degree=4",
+             "training.local_batch_size=2"], "accum4"),
+    "fsdp4_ep2": (["parallelism=fsdp", "cluster.nproc_per_node=4", "parallelism.expert_parallel_degree=2",
+                   "training.local_batch_size=2"], "accum4"),
+    "ep2_tp2": (["parallelism=fsdp_tp", "cluster.nproc_per_node=4", "parallelism.tensor_parallel_degree=2",
+                 "parallelism.expert_parallel_degree=2", "training.local_batch_size=4"], "accum2"),
+}
+RUNS = {"qwen3": ["accum2", "accum4", "ep2", "ep4", "ep2_tp2"], "deepseek_v3": ["accum2", "accum4", "ep2", "fsdp4_ep2"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("moe")
+    out = {}
+    for family, names in RUNS.items():
+        for name in names:
+            job = f"{family}_{name}"
+            args = [*SMALL[family], *COMMON, *LAYOUTS[name][0], f"job.name={job}", f"data.cache_dir={cache_dir}"]
+            proc = run_launch(args, cwd=root, timeout=600)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            out[(family, name)] = root / "outputs" / job
+    return out
+
+
+@pytest.mark.parametrize("family, name", [(f, n) for f, names in RUNS.items() for n in names if LAYOUTS[n][1]])
+def test_expert_parallel_layout_trains_like_one_process(runs, family, name):
+    ref = losses(runs[(family, LAYOUTS[name][1])])
+    got = losses(runs[(family, name)])
+    assert sorted(got) == sorted(ref) == list(range(1, 11))
+    for step, value in ref.items():
+        assert got[step] == pytest.approx(value, rel=RTOL), f"{family} {name} step {step}: {got[step]} vs {value}"
+
+
+@pytest.mark.parametrize("family", RUNS)
+def test_expert_load_is_logged(runs, family):
+    for name in RUNS[family]:
+        for m in read_metrics(runs[(family, name)]):
+            # max/mean >= 1 >= min/mean; with 8 experts and 2-4 sequences of 32 tokens no layer is balanced exactly
+            assert m["moe_max_load"] > 1.0 >= m["moe_min_load"] >= 0.0
