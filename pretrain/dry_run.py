@@ -30,7 +30,7 @@ class RankMemory:
     params: int  # bytes of this rank's parameter shards (fp32 master weights)
     grads: int  # bytes of this rank's gradient shards
     optimizer: int  # bytes of AdamW state (exp_avg, exp_avg_sq)
-    gathered_block: int  # bytes of one block's parameters all-gathered in the compute dtype (x2: prefetch)
+    gathered_block: int  # bytes of the largest block's parameters all-gathered in the compute dtype (x2: prefetch)
     activations: int  # estimated bytes of saved activations at the peak (see estimate_activations)
     n_params_local: int
 
@@ -104,12 +104,22 @@ def estimate_activations(job: JobConfig, dims: ParallelDims, layers_on_rank: int
     return int(per_token_16bit * tokens * compute_bytes / 2) + logits
 
 
+def gathered_numel(block: nn.Module, dims: ParallelDims) -> int:
+    """Elements FSDP all-gathers for one block on this rank: everything split by TP stays split, and under
+    EP a MoE layer gathers only its own experts (1 / ep of them)."""
+    total = 0
+    for name, p in block.named_parameters():
+        split = dims.tp * (dims.ep if "moe.experts." in name else 1)
+        total += p.numel() // split
+    return total
+
+
 def measure(job: JobConfig, dims: ParallelDims, parts: list[nn.Module], device_type: str) -> RankMemory:
     params = [p for part in parts for p in part.parameters()]
     n_local = sum(local_numel(p) for p in {id(p): p for p in params}.values())
     compute_bytes = torch.finfo(param_dtype(job.training, torch.device(device_type))).bits // 8
     blocks = [b for part in parts for b in part.layers.values()]
-    block_numel = max((sum(p.numel() for p in b.parameters()) // dims.tp for b in blocks), default=0)
+    block_numel = max((gathered_numel(b, dims) for b in blocks), default=0)
     stored = 2 if job.training.dtype == "bfloat16" else 4  # bytes per parameter, gradient and Adam moment
     return RankMemory(
         params=n_local * stored,
@@ -154,6 +164,8 @@ def dry_run(job: JobConfig) -> None:
     print("  per-rank memory (rank 0):")
     for label, value in rows:
         print(f"    {label:<30} {value / GIB:9.2f} GiB")
+    if job.model.moe.n_routed_experts or job.model.mla.kv_lora_rank:
+        print("  (the activation estimate uses the dense Llama block's formula; MoE and MLA layers differ)")
     print(f"  built and checked in {time.perf_counter() - start:.1f}s")
 
 

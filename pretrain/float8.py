@@ -116,7 +116,9 @@ def build_module_filter(cfg: "Float8Config", emulate: bool) -> Callable[[nn.Modu
     and N <= 1024; rowwise: N > 2048, K > 1024, and not both N <= 4096 and K <= 2048, for a weight of
     shape N x K). torchao has no rule for rowwise_with_gw_hp; its forward and input-gradient matmuls
     are the rowwise ones, so the rowwise rule is used. Without emulation, a layer whose dimensions are
-    not multiples of 16 always stays in high precision: the float8 matmul kernel cannot take it."""
+    not multiples of 16 always stays in high precision: the float8 matmul kernel cannot take it. A MoE
+    router always does (the experts themselves are stacked weights, not linear layers: they stay in the
+    training dtype)."""
     from torchao.float8 import _auto_filter_for_recipe
 
     names = [f for f in cfg.filter_fqns if f != AUTO_FILTER]
@@ -126,6 +128,8 @@ def build_module_filter(cfg: "Float8Config", emulate: bool) -> Callable[[nn.Modu
         auto = _auto_filter_for_recipe(recipe, filter_fqns=[])
 
     def keep(module: nn.Module, fqn: str) -> str | None:
+        if fqn.endswith("router.gate"):  # its scores choose the experts: a rounding flip changes the routing
+            return "MoE router"
         match = next((f for f in names if f in fqn), None)
         if match is not None:
             return f"filter_fqns: {match!r}"

@@ -267,11 +267,12 @@ def gen_unknown_option(rng):
     return [f"{group}={option}"], [option if group in GROUPS else group], []
 
 
-def _degrees(dp_shard=-1, tp=1, pp=1, cp=1, replicate=1, nproc=None):
+def _degrees(dp_shard=-1, tp=1, pp=1, cp=1, replicate=1, nproc=None, ep=1):
     world = nproc if nproc is not None else max(1, replicate * tp * pp * cp * max(dp_shard, 1))
     return [f"parallelism.data_parallel_replicate_degree={replicate}", f"parallelism.data_parallel_shard_degree={dp_shard}",
             f"parallelism.tensor_parallel_degree={tp}", f"parallelism.pipeline_parallel_degree={pp}",
-            f"parallelism.context_parallel_degree={cp}", f"cluster.nproc_per_node={world}"]
+            f"parallelism.context_parallel_degree={cp}", f"parallelism.expert_parallel_degree={ep}",
+            f"cluster.nproc_per_node={world}"]
 
 
 def _product_mismatch(rng):
@@ -505,8 +506,10 @@ def valid_args(rng: random.Random) -> list[str]:
     micro = rng.choice([1, 2])
     local = micro * rng.randint(pp, pp + 4) if pp > 1 else rng.randint(1, 16)
     dp = replicate * shard
+    experts = preset.get("moe", {}).get("n_routed_experts", 0)
+    ep = rng.choice([e for e in _divisors(shard * cp) if e % cp == 0 and experts % e == 0]) if experts else 1
     args += [f"parallelism={rng.choice(OPTIONS['parallelism'])}",
-             *_degrees(dp_shard=rng.choice([shard, -1]), tp=tp, pp=pp, cp=cp, replicate=replicate, nproc=nproc),
+             *_degrees(dp_shard=rng.choice([shard, -1]), tp=tp, pp=pp, cp=cp, replicate=replicate, nproc=nproc, ep=ep),
              f"parallelism.pipeline_parallel_schedule={rng.choice(['GPipe', '1F1B'])}",
              f"parallelism.pipeline_parallel_microbatch_size={micro}",
              f"parallelism.context_parallel_method={rng.choice(['allgather', 'ring'])}",

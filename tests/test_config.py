@@ -28,6 +28,8 @@ def test_every_option_composes_and_validates(option, tmp_path):
     overrides = [f"{group}={name}", *(NEEDS.get(group, []) if name != "single" else [])]
     if option == "parallelism/fsdp_tp_pp_cp":  # four axes of 2 need 8 ranks
         overrides.append("cluster.nproc_per_node=8")
+    if option == "parallelism/fsdp_ep":  # experts to split
+        overrides.append("model=qwen3_moe_debug")
     if option == "data/local":
         (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
         overrides.append(f"data.data_files=[{tmp_path}/*.jsonl]")

@@ -14,6 +14,7 @@ EXPECTED = {
     "llama3_8b": (8_030_261_248, 8),
     "llama3_70b": (70_553_706_496, 256),
     "llama3_405b_4d": (405_853_388_800, 512),
+    "deepseek_v3_671b": (671_026_404_352, 256),  # the published 671B (MTP module not included)
 }
 
 

@@ -17,7 +17,14 @@ def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         token = flat[n]
         logits = moe.router.gate.weight @ token
         scores = torch.sigmoid(logits) if a.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
-        chosen = sorted(range(a.n_experts), key=lambda e: -(scores[e] + moe.expert_bias[e]).item())[: a.top_k]
+        biased = [(scores[e] + moe.expert_bias[e]).item() for e in range(a.n_experts)]
+        allowed = range(a.n_experts)
+        if a.n_expert_groups > 1:  # keep the groups whose two best biased scores sum highest
+            size = a.n_experts // a.n_expert_groups
+            group_score = [sum(sorted(biased[g * size:(g + 1) * size])[-2:]) for g in range(a.n_expert_groups)]
+            best = sorted(range(a.n_expert_groups), key=lambda g: -group_score[g])[: a.n_limited_groups]
+            allowed = [e for e in allowed if e // size in best]
+        chosen = sorted(allowed, key=lambda e: -biased[e])[: a.top_k]
         weights = torch.stack([scores[e] for e in chosen])
         if a.route_norm:
             weights = weights / weights.sum()
@@ -36,6 +43,9 @@ FAMILIES = {
     # DeepSeek-V3 style: sigmoid scores, biased selection, renormalised and scaled, one shared expert
     "sigmoid": MoEArgs(dim=16, hidden_dim=8, n_experts=6, top_k=3, n_shared_experts=1, score_func="sigmoid",
                        route_norm=True, route_scale=2.5, bias_update_speed=1e-3),
+    # DeepSeek-V3's group-limited routing: 3 groups of 2 experts, a token may use the best 2 groups
+    "grouped": MoEArgs(dim=16, hidden_dim=8, n_experts=6, top_k=3, n_shared_experts=1, score_func="sigmoid",
+                       route_norm=True, route_scale=2.5, n_expert_groups=3, n_limited_groups=2),
 }
 
 
@@ -44,7 +54,7 @@ def test_matches_the_per_token_loop(name):
     torch.manual_seed(0)
     moe = MoE(FAMILIES[name])
     moe.init_weights(std=0.5)
-    if name == "sigmoid":
+    if name != "softmax":
         moe.expert_bias.copy_(torch.linspace(-0.3, 0.3, 6))  # a bias that changes some choices
     x = torch.randn(2, 5, 16, requires_grad=True)
     out = moe(x)
@@ -81,3 +91,41 @@ def test_bias_steers_selection_not_weights_and_balances():
     scores = torch.sigmoid(moe.router.gate(x.reshape(-1, 16)))
     raw = scores.gather(-1, chosen)
     torch.testing.assert_close(weights, raw / raw.sum(-1, keepdim=True) * 2.5)
+
+
+def test_group_limit_keeps_tokens_inside_their_best_groups():
+    torch.manual_seed(0)
+    moe = MoE(FAMILIES["grouped"])
+    moe.init_weights(std=0.5)
+    weights, chosen = moe.router(torch.randn(64, 16), moe.expert_bias)
+    groups_used = (chosen // 2).sort(-1).values
+    # 3 experts from at most 2 of the 3 groups: some token must span two groups, none all three
+    assert all(len(set(row.tolist())) <= 2 for row in groups_used)
+    assert any(len(set(row.tolist())) == 2 for row in groups_used)
+
+
+def test_balance_loss_adds_its_gradient_without_changing_the_output():
+    from pretrain.models.moe import balance_loss
+
+    torch.manual_seed(0)
+    args = MoEArgs(dim=16, hidden_dim=8, n_experts=6, top_k=2, route_norm=True, aux_loss_coeff=0.1)
+    moe = MoE(args)
+    moe.init_weights(std=0.5)
+    moe.aux_loss_scale = 0.5
+    x = torch.randn(2, 5, 16)
+    out = moe(x)
+    gate_grad = torch.autograd.grad(out.sum(), moe.router.gate.weight)[0]
+    # the same loss written out: output + coeff x scale x balance loss
+    moe.args.aux_loss_coeff = 0.0
+    out_plain = moe(x)
+    torch.testing.assert_close(out_plain, out, rtol=0, atol=0)
+    weights, chosen, scores = moe.router.route(x.reshape(-1, 16), moe.expert_bias)
+    expected = out_plain.sum() + 0.1 * 0.5 * balance_loss(scores, chosen, 6)
+    torch.testing.assert_close(gate_grad, torch.autograd.grad(expected, moe.router.gate.weight)[0])
+    # uniform scores give top_k whatever the routing; every token routed to, and scoring only, experts 0
+    # and 1 gives E (the loss rewards spreading both the routes and the scores)
+    routes = torch.tensor([[0, 1]] * 4)
+    uniform = torch.full((4, 6), 1 / 6)
+    assert balance_loss(uniform, routes, 6).item() == pytest.approx(2.0)
+    concentrated = torch.tensor([[0.5, 0.5, 0, 0, 0, 0]] * 4)
+    assert balance_loss(concentrated, routes, 6).item() == pytest.approx(6.0)

@@ -18,8 +18,8 @@ Three boundaries between eager and compiled code need care:
   dynamo cannot put in a graph. Blocks with it are compiled without fullgraph, with the attention op
   excluded, so each block becomes two graphs (before and after attention) around the eager op.
 - Full activation checkpointing stays eager around the compiled block (see `_compile_target`).
-- A MoE layer sizes its expert batches from the routing (`counts.tolist()`, and the all-to-all under
-  expert parallelism): data-dependent shapes, so MoE blocks compile without fullgraph, breaking there.
+- A MoE layer's experts run eagerly: their batches are sized by the routing (data-dependent shapes,
+  and the all-to-all under expert parallelism). Router, attention and norms around them compile.
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ if TYPE_CHECKING:
 
 def apply_compile(blocks: nn.ModuleDict, cfg: "CompileConfig") -> None:
     for block in blocks.values():
-        has_eager_ops = _exclude_context_parallel_attention(block)
+        has_eager_ops = _exclude_context_parallel_attention(block) | _exclude_experts(block)
         target = _compile_target(block)
-        has_moe = getattr(block, "moe", None) is not None
-        target.compile(backend=cfg.backend, fullgraph=not (has_eager_ops or has_moe))
+        target.compile(backend=cfg.backend, fullgraph=not has_eager_ops)
         # Module.compile stores the compiled __call__ here; _wrapped_call_impl calls it (torch >= 2.2)
         target._compiled_call_impl = with_async_inputs_resolved(target._compiled_call_impl)
 
@@ -97,6 +96,19 @@ def _exclude_context_parallel_attention(block: nn.Module) -> bool:
         op = getattr(module, "attention_op", None)
         if isinstance(op, ContextParallelAttention):
             module.attention_op = torch.compiler.disable(op.__call__)
+            found = True
+    return found
+
+
+def _exclude_experts(block: nn.Module) -> bool:
+    """Run a MoE layer's experts eagerly (their batches are sized by the routing, and under EP/TP their
+    weights are sharded DTensors used through their local blocks); True if the block has any."""
+    from pretrain.models.moe import GroupedExperts
+
+    found = False
+    for module in block.modules():
+        if isinstance(module, GroupedExperts):
+            module.forward = torch.compiler.disable(module.forward)
             found = True
     return found
 

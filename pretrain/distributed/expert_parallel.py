@@ -61,6 +61,9 @@ class _ExpertExchange:
         self.tp_mesh = tp_mesh
         self.plans: list[tuple] = []
 
+    # the exchanges have data-dependent sizes and call c10d collectives: they run eagerly between the
+    # compiled parts of a compiled block
+    @torch.compiler.disable
     def dispatch(self, module: nn.Module, inputs: tuple, mesh: "DeviceMesh") -> tuple:
         x, counts = inputs  # x (N, D) sorted by global expert; counts (E,)
         if self.ep_group is not None:
@@ -69,6 +72,7 @@ class _ExpertExchange:
             x = DTensor.from_local(x, self.tp_mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
         return x, counts
 
+    @torch.compiler.disable
     def combine(self, module: nn.Module, out: torch.Tensor, mesh: "DeviceMesh") -> torch.Tensor:
         if self.tp_mesh is not None:  # each tp rank holds a partial sum over its hidden units
             out = DTensor.from_local(out, self.tp_mesh, (Partial(),), run_check=False).redistribute(
