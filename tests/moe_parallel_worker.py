@@ -33,6 +33,8 @@ LAYOUTS = {
     "fsdp4_ep2": (4, 1, 2),
     "fsdp2_ep2_tp2": (2, 2, 2),
     "fsdp2_tp2": (2, 2, 1),
+    # every token routed to the first half of the experts: the second expert rank receives none
+    "ep2_skewed": (2, 1, 2),
 }
 B, T, STEPS = 8, 16, 3
 
@@ -113,6 +115,10 @@ def run_layout(name: str, reference: nn.Module, batches) -> str:
     p.data_parallel_shard_degree, p.tensor_parallel_degree, p.expert_parallel_degree = dp_shard, tp, ep
     dims = ParallelDims.from_config(p, dist.get_world_size())
     dims.build_mesh("cpu")
+    if name.endswith("_skewed"):
+        reference = copy.deepcopy(reference)
+        for moe in (m for m in reference.modules() if isinstance(m, MoE)):
+            moe.expert_bias.copy_(torch.tensor([10.0] * 4 + [0.0] * 4))
     model = parallelize_decoder(copy.deepcopy(reference), dims, job, block_plan)
     dp_mesh = dims.mesh("dp")
     dp = dp_mesh.size() if dp_mesh is not None else 1

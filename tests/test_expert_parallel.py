@@ -34,7 +34,7 @@ def run_worker(nproc: int, layouts: list[str]) -> str:
 
 @pytest.mark.multiprocess
 def test_two_processes_ep_and_moe_tp():
-    run_worker(2, ["ep2", "tp2"])
+    run_worker(2, ["ep2", "tp2", "ep2_skewed"])  # skewed: one expert rank gets no token, and must not hang
 
 
 @pytest.mark.multiprocess

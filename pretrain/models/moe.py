@@ -89,8 +89,9 @@ class GroupedExperts(nn.Module):
                 continue
             hidden = F.silu(chunk @ w1[e].T) * (chunk @ w3[e].T)  # (n_e, H)
             outputs.append(hidden @ w2[e].T)  # (n_e, D)
-        if not outputs:  # no token for these experts (possible under expert parallelism): the weights still
-            return x.new_zeros(x.shape) + 0.0 * (w1.sum() + w2.sum() + w3.sum())  # get a (zero) gradient
+        if not outputs:  # no token for these experts (possible under expert parallelism): the input and the
+            # weights still get a (zero) gradient, so every rank's backward runs the same collectives
+            return x.new_zeros(x.shape) + 0.0 * (x.sum() + w1.sum() + w2.sum() + w3.sum())
         return torch.cat(outputs)
 
     def init_weights(self, std: float) -> None:
