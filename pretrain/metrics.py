@@ -158,6 +158,7 @@ def format_line(step: int, values: dict[str, float], step_width: int = 6) -> str
         f"step {step:>{step_width}d} | loss {v['loss']:7.4f} | gnorm {v['grad_norm']:7.3f} | lr {v['lr']:.2e}"
         f" | tok/s {v['tokens_per_s']:>9,.0f} | TFLOP/s {v['tflops']:7.2f} | MFU {v['mfu']:5.1f}%"
         f" | mem {v['memory_gib']:6.2f} GiB"
+        + (f" | experts {v['moe_min_load']:.2f}-{v['moe_max_load']:.2f}x" if "moe_max_load" in v else "")
     )
 
 
