@@ -150,6 +150,25 @@ def schedule_class(name: str) -> type:
         ) from None
 
 
+def _uncount_metadata_pass(stage) -> None:
+    """torch >= 2.13 infers each stage's shapes in its first step by running the stage forward once on
+    placeholder inputs. That forward routes tokens like any other, so a MoE layer would count them into
+    the step's expert load (and the bias update): reset the counts right after it."""
+    infer = getattr(stage, "_forward_metadata_inference", None)
+    if infer is None:
+        return
+
+    def infer_then_reset(*args, **kwargs):
+        out = infer(*args, **kwargs)
+        for module in stage.submod.modules():
+            counts = getattr(module, "tokens_per_expert", None)
+            if isinstance(counts, torch.Tensor):
+                counts.zero_()
+        return out
+
+    stage._forward_metadata_inference = infer_then_reset
+
+
 class Pipeline:
     """This rank's stages and the schedule that runs them. `step` takes one batch through every stage
     (forward, loss on the last stage, backward), split into micro-batches by the schedule."""
@@ -168,6 +187,8 @@ class Pipeline:
         assert len(ids) == len(parts), (ids, len(parts))
         self.has_first, self.has_last = 0 in ids, n_stages - 1 in ids
         stages = [PipelineStage(part, i, n_stages, device, group=self.group) for part, i in zip(parts, ids)]
+        for stage in stages:
+            _uncount_metadata_pass(stage)
         cls = schedule_class(p.pipeline_parallel_schedule)
         n_microbatches = job.training.local_batch_size // p.pipeline_parallel_microbatch_size
         single = issubclass(cls, PipelineScheduleSingle)

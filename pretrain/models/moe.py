@@ -186,8 +186,9 @@ class MoE(nn.Module):
         weights, chosen, scores = self.router.route(flat, self.expert_bias)  # (N, k) (N, k) (N, E)
         order = torch.argsort(chosen.flatten(), stable=True)  # slots sorted by expert
         counts = torch.bincount(chosen.flatten(), minlength=self.args.n_experts)
-        with torch.no_grad():
-            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        if not flat.is_meta:  # (a shape-inference pass on the meta device counts nothing)
+            with torch.no_grad():
+                self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         token_of_slot = order // self.args.top_k  # (N k,) the token each sorted slot belongs to
         routed = self.experts(flat[token_of_slot], counts)  # (N k, D)
         routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
