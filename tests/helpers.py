@@ -1,4 +1,5 @@
-"""Shared test helpers: compose configs in-process, run launch.py as a user would, read metrics."""
+"""Shared test helpers: compose configs in-process, run launch.py as a user would, read metrics, compare
+our logits with transformers'."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ TINY = [
     "metrics.log_freq=1",
     "metrics.enable_aim=false",
 ]
+
+
+# Our model against transformers' in fp32 (each test file says what it measured): logits within this
+# fraction of their largest magnitude, and launched runs' losses within this relative difference.
+LOGIT_TOL = 1e-5
+LOSS_RTOL = 1e-5
 
 
 def compose(overrides: list[str]):
@@ -74,3 +81,24 @@ def aim_metric(repo_dir: str, run_hash: str, name: str) -> tuple[list[int], list
     assert metric is not None, f"Aim run {run_hash} has no metric {name!r}"
     steps, (values, *_) = metric.data.items_list()
     return list(steps), list(values)
+
+
+def logits(model, tokens):
+    """Logits of our model or of a transformers one (no gradients)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(tokens)
+    return getattr(out, "logits", out)
+
+
+def relative_error(ours, theirs) -> float:
+    """The largest |difference| as a fraction of the largest |logit| of ours."""
+    return ((ours - theirs).abs().max() / ours.abs().max()).item()
+
+
+def assert_logits_close(ours, theirs) -> float:
+    scale = ours.abs().max().item()
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= LOGIT_TOL * scale, f"max |diff| {diff:.3g} > {LOGIT_TOL} x max |logit| {scale:.3g}"
+    return diff / scale

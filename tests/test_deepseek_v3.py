@@ -25,7 +25,8 @@ import re
 import pytest
 import torch
 
-from helpers import compose, losses, run_launch
+from helpers import (LOGIT_TOL, LOSS_RTOL, assert_logits_close, compose, logits, losses, relative_error,
+                     run_launch)
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,9 +36,7 @@ from pretrain.models import get_model_spec  # noqa: E402
 from pretrain.models.deepseek_v3 import hf as ds_hf  # noqa: E402
 from pretrain.models.deepseek_v3.model import precompute_freqs_cis, softmax_scale_factor  # noqa: E402
 
-LOGIT_TOL = 1e-5  # of the largest |logit|, see above
 GRAD_TOL = 1e-5
-LOSS_RTOL = 1e-5
 SEQ = 64
 SPEC = get_model_spec("deepseek_v3")
 
@@ -81,16 +80,6 @@ def our_model(cfg: ModelConfig, seed: int = 0):
             if block.moe is not None and not ds_hf.is_v2(cfg):  # a bias that changes which experts are chosen
                 block.moe.expert_bias.copy_(torch.randn(cfg.moe.n_routed_experts) * 0.1)
     return model.eval()
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        out = model(tokens)
-    return getattr(out, "logits", out)
-
-
-def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    return ((ours - theirs).abs().max() / ours.abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +134,7 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path, tokens):
     assert type(hf).__name__ == config["architectures"][0]
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     hf.eval()
-    assert relative_error(logits(model, tokens), logits(hf, tokens)) <= LOGIT_TOL
+    assert_logits_close(logits(model, tokens), logits(hf, tokens))
     assert ds_hf.config_mismatches(hf_io.read_config(str(tmp_path)), cfg) == []
     if name != "debug":
         return
@@ -182,14 +171,14 @@ def test_import_from_transformers_gives_equal_logits(tmp_path, tokens):
     needed = ds_hf.hf_keys_needed(model.state_dict(), DEBUG)
     wanted = {name for names in needed.values() for name in ([names] if isinstance(names, str) else names)}
     model.load_state_dict(ds_hf.from_hf(hf_io.read_hf(str(tmp_path), wanted), DEBUG, keys=list(needed)))
-    assert relative_error(logits(model, tokens), logits(hf, tokens)) <= LOGIT_TOL
+    assert_logits_close(logits(model, tokens), logits(hf, tokens))
 
 
 def test_initial_load_from_transformers_through_hf_io(tmp_path, tokens):
     hf = hf_checkpoint(DEBUG, tmp_path)
     model = our_model(DEBUG, seed=1)
     hf_io.load_hf_into([model], str(tmp_path), SPEC, DEBUG)
-    assert relative_error(logits(model, tokens), logits(hf, tokens)) <= LOGIT_TOL
+    assert_logits_close(logits(model, tokens), logits(hf, tokens))
 
 
 def test_adapter_round_trip_names_and_refusals():

@@ -23,7 +23,7 @@ import sys
 import pytest
 import torch
 
-from helpers import REPO, TINY, compose, losses, run_launch
+from helpers import LOSS_RTOL, REPO, TINY, assert_logits_close, compose, logits, losses, run_launch
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,8 +33,6 @@ from pretrain.config import CheckpointConfig, ConfigError, ModelConfig  # noqa: 
 from pretrain.models import get_model_spec  # noqa: E402
 from pretrain.models.llama3 import hf as llama_hf  # noqa: E402
 
-LOGIT_TOL = 1e-5  # of the largest |logit|, see above
-LOSS_RTOL = 1e-5
 SPEC = get_model_spec("llama3")
 # GQA (4 query heads, 2 kv heads), and rope scaling that reaches all three bands at 64 positions:
 # head_dim 16 with theta 1e4 gives wavelengths 6.3 .. 2e4; with an original context of 16 the shortest
@@ -74,19 +72,6 @@ def hf_llama_config(cfg: ModelConfig, **extra) -> "transformers.LlamaConfig":
         rms_norm_eps=cfg.norm_eps, max_position_embeddings=max(SEQ, 4 * cfg.rope_original_max_seq_len),
         rope_parameters=rope, tie_word_embeddings=cfg.tie_word_embeddings, **extra,
     )
-
-
-def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> float:
-    scale = ours.abs().max().item()
-    diff = (ours - theirs).abs().max().item()
-    assert diff <= LOGIT_TOL * scale, f"max |diff| {diff:.3g} > {LOGIT_TOL} x max |logit| {scale:.3g}"
-    return diff / scale
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        out = model(tokens)
-    return getattr(out, "logits", out)
 
 
 @pytest.fixture(scope="module")

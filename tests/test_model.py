@@ -63,6 +63,8 @@ def test_init_is_seeded_and_depth_scaled():
 def test_tied_embeddings_share_one_weight():
     model = tiny_model(tie_word_embeddings=True)
     assert model.output.weight is model.tok_embeddings.weight
+    # the shared matrix starts as an output head (std dim ** -0.5), not as an N(0, 1) embedding
+    assert model.output.weight.std().item() == pytest.approx(64**-0.5, rel=0.15)
     n_params, _ = get_model_spec("llama3").params_and_flops(model, model.cfg, 16)
     untied, _ = get_model_spec("llama3").params_and_flops(tiny_model(), TINY, 16)
     assert untied - n_params == 128 * 64

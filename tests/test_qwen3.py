@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from helpers import CONF, compose, losses, run_launch
+from helpers import CONF, LOSS_RTOL, assert_logits_close, compose, logits, losses, run_launch
 from pretrain import hf_io
 from pretrain.config import ModelConfig, resolve
 from pretrain.model_config import head_dim
@@ -36,9 +36,6 @@ from pretrain.models import get_model_spec
 from pretrain.models.qwen3 import hf as qwen3_hf
 
 transformers = pytest.importorskip("transformers")
-
-# 1e-5 of the largest |logit| and 1e-5 relative on losses, see above
-from test_hf import LOSS_RTOL, assert_logits_close, logits  # noqa: E402
 
 SPEC = get_model_spec("qwen3")
 SEQ = 64
@@ -130,19 +127,9 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, case):
     assert_logits_close(logits(model, tokens), logits(hf, tokens))
 
 
-def test_dense_import_through_hf_io_into_a_model(tmp_path):
-    cfg = preset("qwen3_debug")
-    hf = hf_model_of(cfg)
-    hf.save_pretrained(str(tmp_path))
-    model = SPEC.build_model(cfg, SEQ)
-    model.init_weights()
-    hf_io.load_hf_into([model], str(tmp_path), SPEC, cfg)
-    tokens = tokens_for(cfg)
-    assert_logits_close(logits(model, tokens), logits(hf, tokens))
-
-
-def test_moe_import_through_hf_io_into_a_model(tmp_path):
-    cfg = preset("qwen3_moe_debug")
+@pytest.mark.parametrize("name", ["qwen3_debug", "qwen3_moe_debug"])
+def test_import_through_hf_io_into_a_model(tmp_path, name):
+    cfg = preset(name)
     hf = hf_model_of(cfg)
     hf.save_pretrained(str(tmp_path))
     model = SPEC.build_model(cfg, SEQ)

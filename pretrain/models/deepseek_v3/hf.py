@@ -11,9 +11,7 @@ Names (ours -> HF), beyond Llama's (embedding, norms, output, attention.wq / wo,
     layers.N.moe.experts.w2           (X, D, H) model.layers.N.mlp.experts.{0..X-1}.down_proj.weight, (D, H) each
     layers.N.moe.shared_experts.w1 / w3 / w2    model.layers.N.mlp.shared_experts.gate_proj / up_proj / down_proj.weight
                                       (1, S, D) / (1, D, S) ours, (S, D) / (D, S) theirs; S = n_shared x H
-The per-expert layout is the hub's (and what transformers writes with save_pretrained); transformers 5
-fuses it into (X, 2H, D) / (X, D, H) tensors as it loads. One of our stacked expert tensors is X of
-theirs: `hf_keys_needed` maps it to the list of their names, and `from_hf` stacks them.
+The stacked routed experts map to the hub's per-expert tensors as pretrain/models/hf_moe.py describes.
 
 No row permutation: both models rotate adjacent pairs of the rope dimensions (config.json says
 rope_interleave=true; transformers' DeepseekV2 always does).
@@ -27,12 +25,12 @@ Everything here works on full (unsharded) tensors; callers gather or shard aroun
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Iterable
 
 import torch
 
 from pretrain.model_config import ffn_hidden_dim, is_moe_layer
+from pretrain.models.hf_moe import MoEStateDictAdapter, hf_layer, layer_key
 from pretrain.models.llama3 import hf as llama_hf
 
 if TYPE_CHECKING:
@@ -47,16 +45,8 @@ _LAYER_KEYS = {  # ours (after "layers.N.") -> HF (after "model.layers.N."), bey
     "moe.router.gate.weight": "mlp.gate.weight",
     "moe.expert_bias": "mlp.gate.e_score_correction_bias",
 }
-_LAYER_KEYS_BACK = {hf: ours for ours, hf in _LAYER_KEYS.items()}
-_EXPERTS = {f"moe.experts.{ours}": hf for ours, hf in _SWIGLU.items()}  # stacked -> per-expert name
-_EXPERTS_BACK = {hf: ours for ours, hf in _EXPERTS.items()}
 _SHARED = tuple(f"moe.shared_experts.{w}" for w in _SWIGLU)
-_BIAS = "moe.expert_bias"
 FP32_KEYS = ("e_score_correction_bias",)  # save_hf keeps the routing bias in fp32, as the hub does
-_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_EXPERT = re.compile(r"^mlp\.experts\.\d+\.(\w+)\.weight$")
-_EMBEDDING = "model.embed_tokens.weight"
 _FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_FIX = ("Fix: convert the folder to bf16 first (DeepSeek's inference/fp8_cast_bf16.py in the DeepSeek-V3 "
            "repository dequantizes it), or use a bf16 copy of the checkpoint.")
@@ -67,87 +57,40 @@ def is_v2(cfg: "ModelConfig") -> bool:
     return cfg.moe.n_routed_experts > 0 and cfg.moe.score_func == "softmax"
 
 
-# ----------------------------------------------------------------------------- names
-def _split(key: str) -> tuple[str, str]:
-    """("N", the name within the block) of a block tensor; ("", key) otherwise."""
-    match = _OURS_LAYER.match(key)
-    return (match.group(1), match.group(2)) if match else ("", key)
+# ----------------------------------------------------------------------------- names and tensors
+def _is_mtp(hf_key: str, cfg: "ModelConfig") -> bool:
+    """A tensor of the multi-token-prediction module the hub stores as layer num_hidden_layers and after."""
+    layer = hf_layer(hf_key)
+    return layer is not None and layer >= cfg.n_layers
 
 
-def to_hf_key(key: str) -> str:
-    """Our name of a tensor that is one HF tensor -> the HF name. KeyError for the others."""
-    layer, name = _split(key)
-    if name in _LAYER_KEYS:
-        return f"model.layers.{layer}.{_LAYER_KEYS[name]}"
-    try:
-        return llama_hf.to_hf_key(key)
-    except KeyError:
-        raise KeyError(f"{key!r} has no single Hugging Face DeepSeek-V3 counterpart") from None
+def _not_ours(hf_key: str, cfg: "ModelConfig") -> bool:
+    """What a whole-folder import skips: the MTP layers and rotary buffers."""
+    return _is_mtp(hf_key, cfg) or hf_key.endswith("rotary_emb.inv_freq")
 
 
-def from_hf_key(hf_key: str) -> str:
-    """HF name -> ours; an expert's tensor maps to the stacked tensor of its layer. KeyError for names we
-    do not know."""
-    match = _HF_LAYER.match(hf_key)
-    if match:
-        layer, name = match.groups()
-        expert = _HF_EXPERT.match(name)
-        if expert and expert.group(1) in _EXPERTS_BACK:
-            return f"layers.{layer}.{_EXPERTS_BACK[expert.group(1)]}"
-        if name in _LAYER_KEYS_BACK:
-            return f"layers.{layer}.{_LAYER_KEYS_BACK[name]}"
-    try:
-        return llama_hf.from_hf_key(hf_key)
-    except KeyError:
-        raise KeyError(f"{hf_key!r} is not a DeepSeek-V3 parameter we know") from None
+def _shared_to_hf(key: str, value: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+    return value[0] if layer_key(key)[1] in _SHARED else value  # one shared SwiGLU of n_shared x H units
 
 
-def expert_hf_keys(key: str, n_experts: int) -> list[str]:
-    """The HF names, expert by expert, of one of our stacked expert tensors (layers.N.moe.experts.w*)."""
-    layer, name = _split(key)
-    return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERTS[name]}.weight" for e in range(n_experts)]
+def _shared_from_hf(key: str, value: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+    return value.unsqueeze(0) if layer_key(key)[1] in _SHARED else value
 
 
-def hf_keys_needed(keys: Iterable[str], cfg: "ModelConfig") -> dict[str, str | list[str]]:
-    """For our tensor names (e.g. one pipeline stage's), the HF tensor each is read from: a name, or for
-    stacked expert weights the list of per-expert names. With tied embeddings the output projection is
-    read from the embedding. Under softmax routing (DeepseekV2) the expert bias has no HF tensor: left out."""
-    needed: dict[str, str | list[str]] = {}
-    for key in keys:
-        name = _split(key)[1]
-        if name == _BIAS and is_v2(cfg):
-            continue
-        if name in _EXPERTS:
-            needed[key] = expert_hf_keys(key, cfg.moe.n_routed_experts)
-        elif key == "output.weight" and cfg.tie_word_embeddings:
-            needed[key] = _EMBEDDING
-        else:
-            needed[key] = to_hf_key(key)
-    return needed
-
-
-# ----------------------------------------------------------------------------- tensors
-def to_hf(state_dict: dict[str, torch.Tensor], cfg: "ModelConfig") -> dict[str, torch.Tensor]:
-    """Our full state dict -> HF tensors (same dtype): experts one by one (copies, each its own storage in
-    safetensors), lm_head left out when embeddings are tied. ValueError for a non-zero expert bias under
-    softmax routing, which DeepseekV2 cannot express."""
-    out = {}
-    for key, value in state_dict.items():
-        name = _split(key)[1]
-        if key == "output.weight" and cfg.tie_word_embeddings:
-            continue
-        if name == _BIAS and is_v2(cfg):
-            if torch.count_nonzero(value):
-                raise ValueError(f"{key} is non-zero, and transformers' DeepseekV2 (softmax routing) has no expert "
-                                 "bias. Fix: train with model.moe.bias_update_speed=0 to export to it.")
-            continue
-        if name in _EXPERTS:
-            out.update({hf_key: w.clone() for hf_key, w in zip(expert_hf_keys(key, value.shape[0]), value)})
-        elif name in _SHARED:
-            out[to_hf_key(key)] = value[0]  # one shared SwiGLU of n_shared x H units
-        else:
-            out[to_hf_key(key)] = value
-    return out
+_ADAPTER = MoEStateDictAdapter(
+    "DeepSeek-V3",
+    _LAYER_KEYS,
+    bias_has_no_hf_tensor=is_v2,
+    no_bias_reason="transformers' DeepseekV2 (softmax routing) has no expert bias",
+    to_hf_value=_shared_to_hf,
+    from_hf_value=_shared_from_hf,
+    skips_hf_key=_not_ours,
+)
+to_hf_key = _ADAPTER.to_hf_key
+from_hf_key = _ADAPTER.from_hf_key
+expert_hf_keys = _ADAPTER.expert_hf_keys
+hf_keys_needed = _ADAPTER.hf_keys_needed
+to_hf = _ADAPTER.to_hf
 
 
 def _refuse_float8(hf_state_dict: dict[str, torch.Tensor]) -> None:
@@ -157,30 +100,6 @@ def _refuse_float8(hf_state_dict: dict[str, torch.Tensor]) -> None:
                              f"*.weight_scale_inv tensors), which is not read as it is. {FP8_FIX}")
 
 
-def _is_mtp(hf_key: str, cfg: "ModelConfig") -> bool:
-    """A tensor of the multi-token-prediction module the hub stores as layer num_hidden_layers and after."""
-    match = _HF_LAYER.match(hf_key)
-    return match is not None and int(match.group(1)) >= cfg.n_layers
-
-
-def _keys_of(hf_state_dict: dict[str, torch.Tensor], cfg: "ModelConfig") -> list[str]:
-    """Our names of everything an HF state dict holds (a whole model, MTP layers skipped)."""
-    keys = []
-    for hf_key in hf_state_dict:
-        if _is_mtp(hf_key, cfg) or hf_key.endswith("rotary_emb.inv_freq"):
-            continue
-        if hf_key == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        key = from_hf_key(hf_key)
-        if key not in keys:
-            keys.append(key)
-            if _split(key)[1] == "moe.router.gate.weight" and is_v2(cfg):
-                keys.append(key.replace("router.gate.weight", "expert_bias"))
-    if cfg.tie_word_embeddings and "tok_embeddings.weight" in keys:
-        keys.append("output.weight")
-    return keys
-
-
 def from_hf(
     hf_state_dict: dict[str, torch.Tensor], cfg: "ModelConfig", keys: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -188,25 +107,7 @@ def from_hf(
     (MTP layers skipped; zero expert biases under softmax routing). KeyError names the first HF tensor
     that is missing; ValueError refuses float8 weights."""
     _refuse_float8(hf_state_dict)
-    keys = _keys_of(hf_state_dict, cfg) if keys is None else list(keys)
-    needed = hf_keys_needed(keys, cfg)
-    out = {}
-    for key in keys:
-        if key not in needed:  # the expert bias of softmax routing
-            out[key] = torch.zeros(cfg.moe.n_routed_experts)
-            continue
-        sources = needed[key]
-        names = [sources] if isinstance(sources, str) else sources
-        missing = [hf_key for hf_key in names if hf_key not in hf_state_dict]
-        if missing:
-            raise KeyError(f"the HF checkpoint has no {missing[0]!r} (needed for our {key!r})")
-        if isinstance(sources, list):
-            out[key] = torch.stack([hf_state_dict[hf_key] for hf_key in names])
-        elif _split(key)[1] in _SHARED:
-            out[key] = hf_state_dict[sources].unsqueeze(0)
-        else:
-            out[key] = hf_state_dict[sources]
-    return out
+    return _ADAPTER.from_hf(hf_state_dict, cfg, keys)
 
 
 # ----------------------------------------------------------------------------- config.json

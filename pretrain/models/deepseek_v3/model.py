@@ -19,23 +19,20 @@ the run's sequence length exceeds rope_original_max_seq_len). The published chec
 it, so imported weights see the frequencies they expect; to pretrain at the original context with plain
 RoPE, as DeepSeek's first stage did, set model.rope_scaling=false.
 
-The embedding, final norm, output head, forward and init order are Llama's (the same module names, so the
-parallelism plans, pipeline split and checkpoint code fit every family).
+The block, embedding, final norm, output head, forward and init order are Llama's (the same module names,
+so the parallelism plans, pipeline split and checkpoint code fit every family).
 No distributed code here: parallelize.py beside this file says how to shard it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.model_config import ffn_hidden_dim, is_moe_layer
 from pretrain.models.llama3 import model as llama
-from pretrain.models.moe import MoE, MoEArgs
 
 # q_norm and kv_norm use DeepSeek's fixed epsilon (its reference code and transformers do), not model.norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -138,49 +135,14 @@ class MLAttention(nn.Module):
         return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, D)
 
 
-# ----------------------------------------------------------------------------- blocks and model
-class TransformerBlock(nn.Module):
-    """Pre-norm block: x + attention(norm(x)), then h + ffn(norm(h)); the ffn is a dense SwiGLU
-    (`feed_forward`) in the first moe.n_dense_layers blocks and the routed experts (`moe`) after."""
-
-    def __init__(self, layer_id: int, cfg: ModelConfig):
-        super().__init__()
-        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = MLAttention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        moe = is_moe_layer(cfg, layer_id)
-        self.moe = MoE(MoEArgs.from_config(cfg)) if moe else None
-        self.feed_forward = None if moe else llama.FeedForward(cfg, hidden=ffn_hidden_dim(cfg))
-        self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5  # deeper blocks start smaller (as Llama's)
-
-    @property
-    def ffn(self) -> nn.Module:
-        return self.feed_forward if self.moe is None else self.moe
-
-    def init_weights(self) -> None:
-        for norm in (self.attention_norm, self.ffn_norm):
-            norm.reset_parameters()
-        self.attention.init_weights(self.init_std)
-        self.ffn.init_weights(self.init_std)
-
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)  # (B, T, D)
-        return h + self.ffn(self.ffn_norm(h))
-
-
+# ----------------------------------------------------------------------------- model
 class Transformer(llama.Transformer):
-    """tokens (B, T) -> logits (B, T, V), with Llama's ModuleDict-of-blocks contract for pipeline stages
-    (embedding, final norm and output may be None). `freqs_cis` (T, R/2) covers the rope dimensions."""
+    """tokens (B, T) -> logits (B, T, V): Llama's model (ModuleDict-of-blocks contract for pipeline stages,
+    init) with MLA in every block, a dense SwiGLU in the first moe.n_dense_layers blocks and the routed
+    experts after. `freqs_cis` (T, R/2) covers the rope dimensions."""
 
-    def __init__(self, cfg: ModelConfig, max_seq_len: int):
-        # Llama's skeleton (embedding, norm, output, RoPE buffer) built without blocks, then ours
-        super().__init__(dataclasses.replace(cfg, n_layers=0), max_seq_len)
-        self.cfg = cfg
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
-        self.freqs_cis = precompute_freqs_cis(cfg, max_seq_len)  # the registered buffer, now of width R/2
+    def build_block(self, layer_id: int, cfg: ModelConfig) -> nn.Module:
+        return llama.TransformerBlock(layer_id, cfg, MLAttention(cfg))
 
-    @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Llama's init (embedding, blocks, norm, output), then this family's RoPE table."""
-        super().init_weights(buffer_device)
-        self.freqs_cis = precompute_freqs_cis(self.cfg, self.max_seq_len, device=buffer_device)
+    def build_freqs_cis(self, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+        return precompute_freqs_cis(self.cfg, seq_len, device)

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
 from pretrain.distributed.parallelize import parallelize_decoder
-from pretrain.models.llama3.parallelize import tp_plan_feed_forward
+from pretrain.models.llama3.parallelize import tp_plan_ffn
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -84,14 +84,9 @@ def tp_plan_attention(block: nn.Module, colwise: type, rowwise: type, prepare_in
 
 
 def tp_plan_block(block: nn.Module, colwise: type, rowwise: type, prepare_input: type) -> dict:
-    """Attention as above. A dense block splits its SwiGLU hidden units (Llama's plan); a MoE block keeps
-    only its sequence-parallel ffn_norm here (the experts are sharded by pretrain/distributed/expert_parallel.py)."""
-    plan = tp_plan_attention(block, colwise, rowwise, prepare_input)
-    if block.moe is not None:
-        plan["ffn_norm"] = SequenceParallel()
-    else:
-        plan.update(tp_plan_feed_forward(colwise, rowwise, prepare_input))
-    return plan
+    """Attention as above; the feed-forward as in every family (Llama's SwiGLU plan in a dense block)."""
+    return {**tp_plan_attention(block, colwise, rowwise, prepare_input),
+            **tp_plan_ffn(block, colwise, rowwise, prepare_input)}
 
 
 def parallelize_deepseek_v3(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> nn.Module:

@@ -1,6 +1,11 @@
 """Llama 3 as a plain nn.Module: RMSNorm, RoPE with Llama 3.1 scaling, grouped-query attention via
 SDPA, SwiGLU feed-forward. Shapes: B batch, T sequence, D dim, H heads, K kv heads, E head_dim.
 
+The block and the model skeleton here serve every decoder family: a block takes the family's attention
+and holds a dense SwiGLU or, in a MoE layer, the shared MoE layer (Llama's configs have no experts, so
+every Llama block is dense); the model builds its blocks and its RoPE table through methods a family
+overrides.
+
 No distributed code here: parallelize.py beside this file says how to shard it.
 Build on the meta device, then call `init_weights()` after the parameters are materialised.
 """
@@ -14,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain.config import ModelConfig
-from pretrain.model_config import ffn_hidden_dim, head_dim
+from pretrain.model_config import ffn_hidden_dim, head_dim, is_moe_layer
+from pretrain.models.moe import MoE, MoEArgs
 
 
 def precompute_freqs_cis(cfg: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
@@ -107,52 +113,75 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, cfg: ModelConfig):
+    """Pre-norm block of every decoder family: x + attention(norm(x)), then h + ffn(norm(h)), where ffn is
+    a dense SwiGLU (`feed_forward`) or, in a MoE layer (model_config.is_moe_layer), the routed experts
+    (`moe`); the other one is None. `attention` is the family's: a module called as attention(x, freqs_cis)
+    with an init_weights(init_std)."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig, attention: nn.Module):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = attention
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        moe = is_moe_layer(cfg, layer_id)
+        self.moe = MoE(MoEArgs.from_config(cfg)) if moe else None
+        self.feed_forward = None if moe else FeedForward(cfg)
         self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5  # deeper blocks start smaller
+
+    @property
+    def ffn(self) -> nn.Module:
+        return self.feed_forward if self.moe is None else self.moe
 
     def init_weights(self) -> None:
         self.attention_norm.reset_parameters()
         self.ffn_norm.reset_parameters()
         self.attention.init_weights(self.init_std)
-        self.feed_forward.init_weights(self.init_std)
+        self.ffn.init_weights(self.init_std)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = x + self.attention(self.attention_norm(x), freqs_cis)  # (B, T, D)
+        return h + self.ffn(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     """tokens (B, T) -> logits (B, T, V). Layers sit in a ModuleDict and the embedding, final norm and
-    output may be None, so a pipeline stage keeps only its part: (B, T) or (B, T, D) in, (B, T, D) or logits out."""
+    output may be None, so a pipeline stage keeps only its part: (B, T) or (B, T, D) in, (B, T, D) or logits out.
+
+    Other families reuse this skeleton and override `build_block` (their attention) and `build_freqs_cis`
+    (their RoPE table)."""
 
     def __init__(self, cfg: ModelConfig, max_seq_len: int):
         super().__init__()
         self.cfg = cfg
         self.max_seq_len = max_seq_len
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): self.build_block(i, cfg) for i in range(cfg.n_layers)})
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.register_buffer("freqs_cis", precompute_freqs_cis(cfg, max_seq_len), persistent=False)
+        self.register_buffer("freqs_cis", self.build_freqs_cis(max_seq_len), persistent=False)
+
+    def build_block(self, layer_id: int, cfg: ModelConfig) -> nn.Module:
+        return TransformerBlock(layer_id, cfg, Attention(cfg))
+
+    def build_freqs_cis(self, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+        """The RoPE rotations the blocks are called with: (T, E/2)."""
+        return precompute_freqs_cis(self.cfg, seq_len, device)
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Fill every parameter (after to_empty) and recompute the RoPE buffer."""
-        self.freqs_cis = precompute_freqs_cis(self.cfg, self.max_seq_len, device=buffer_device)
+        """Fill every parameter (after to_empty) and recompute the RoPE buffer. The output head is drawn with
+        std dim^-0.5 (truncated at 3 std), also when it is the embedding matrix (tie_word_embeddings): drawn
+        as an N(0, 1) embedding it would make the first logits ~sqrt(dim) large (a loss near 60, not ln V)."""
+        self.freqs_cis = self.build_freqs_cis(self.max_seq_len, device=buffer_device)
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight)
         for layer in self.layers.values():
             layer.init_weights()
         if self.norm is not None:
             self.norm.reset_parameters()
-        if self.output is not None and not self.cfg.tie_word_embeddings:
+        if self.output is not None:
             std = self.cfg.dim**-0.5
             nn.init.trunc_normal_(self.output.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 

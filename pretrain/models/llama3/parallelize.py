@@ -1,5 +1,6 @@
-"""How Llama 3 is parallelized: its block's tensor-parallel plan. The order (TP, CP, AC, compile, FSDP)
-and the machinery are shared by every decoder family (pretrain/distributed/parallelize.py)."""
+"""How Llama 3 is parallelized: its block's tensor-parallel plan, whose attention, SwiGLU and
+feed-forward parts the other families reuse. The order (TP, CP, AC, compile, FSDP) and the machinery are
+shared by every decoder family (pretrain/distributed/parallelize.py)."""
 
 from __future__ import annotations
 
@@ -40,8 +41,17 @@ def tp_plan_feed_forward(colwise: type, rowwise: type, prepare_input: type) -> d
     }
 
 
+def tp_plan_ffn(block: nn.Module, colwise: type, rowwise: type, prepare_input: type) -> dict:
+    """The feed-forward half of any family's block: a dense block splits its SwiGLU hidden units; a MoE
+    block keeps only its sequence-parallel ffn_norm here (pretrain/distributed/parallelize.py shards the
+    experts)."""
+    if getattr(block, "moe", None) is not None:
+        return {"ffn_norm": SequenceParallel()}
+    return tp_plan_feed_forward(colwise, rowwise, prepare_input)
+
+
 def tp_plan_block(block: nn.Module, colwise: type, rowwise: type, prepare_input: type) -> dict:
-    return {**tp_plan_attention(colwise, rowwise, prepare_input), **tp_plan_feed_forward(colwise, rowwise, prepare_input)}
+    return {**tp_plan_attention(colwise, rowwise, prepare_input), **tp_plan_ffn(block, colwise, rowwise, prepare_input)}
 
 
 def parallelize_llama(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> nn.Module:

@@ -1,18 +1,12 @@
 """Qwen3 <-> Hugging Face `Qwen3ForCausalLM` (dense) and `Qwen3MoeForCausalLM` (MoE): parameter names,
 the RoPE row order, the expert layout, config.json.
 
-Names (ours -> HF), beyond Llama's (pretrain/models/llama3/hf.py):
+Names (ours -> HF), beyond Llama's (pretrain/models/llama3/hf.py) and the experts' (pretrain/models/hf_moe.py):
     layers.N.attention.{q,k}_norm.weight  (E,)      model.layers.N.self_attn.{q,k}_norm.weight
     layers.N.moe.router.gate.weight       (X, D)    model.layers.N.mlp.gate.weight
-    layers.N.moe.experts.w1               (X, H, D) model.layers.N.mlp.experts.{0..X-1}.gate_proj.weight, (H, D) each
-    layers.N.moe.experts.w3               (X, H, D) model.layers.N.mlp.experts.{0..X-1}.up_proj.weight
-    layers.N.moe.experts.w2               (X, D, H) model.layers.N.mlp.experts.{0..X-1}.down_proj.weight, (D, H) each
     layers.N.moe.expert_bias              (X,)      none: Qwen3 routes without a bias (zero on import; export refuses
                                                     a non-zero one)
-(X experts of hidden size H = moe.hidden_dim.) The per-expert layout is the hub's (and what transformers
-writes with save_pretrained); transformers 5 fuses it into (X, 2H, D) / (X, D, H) tensors as it loads.
-One of our stacked expert tensors is X of theirs: `hf_keys_needed` maps it to the list of their names,
-and `from_hf` stacks them.
+(X experts.) The stacked experts map to the hub's per-expert tensors as hf_moe.py describes.
 
 RoPE: as for Llama, the rows of wq and wk are reordered within each head (ours: adjacent pairs; HF:
 halves, rotate_half). q_norm and k_norm scale the head dimension before RoPE, so their (E,) weights
@@ -22,12 +16,12 @@ Everything here works on full (unsharded) tensors; callers gather or shard aroun
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
 from pretrain.model_config import head_dim, is_moe_layer
+from pretrain.models.hf_moe import MoEStateDictAdapter
 from pretrain.models.llama3 import hf as llama_hf
 
 if TYPE_CHECKING:
@@ -38,72 +32,6 @@ _LAYER_KEYS = {  # ours (after "layers.N.") -> HF (after "model.layers.N."), bey
     "attention.k_norm.weight": "self_attn.k_norm.weight",
     "moe.router.gate.weight": "mlp.gate.weight",
 }
-_LAYER_KEYS_BACK = {hf: ours for ours, hf in _LAYER_KEYS.items()}
-_EXPERT_KEYS = {"moe.experts.w1": "gate_proj", "moe.experts.w3": "up_proj", "moe.experts.w2": "down_proj"}
-_EXPERT_KEYS_BACK = {hf: ours for ours, hf in _EXPERT_KEYS.items()}
-_EXPERT_BIAS = "moe.expert_bias"
-_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.\d+\.(\w+)\.weight$")
-_EMBEDDING = "model.embed_tokens.weight"
-
-
-# ----------------------------------------------------------------------------- names
-def _layer_key(key: str) -> tuple[str, str]:
-    """("N", the name within the block) of a block parameter; ("", key) otherwise."""
-    match = _OURS_LAYER.match(key)
-    return (match.group(1), match.group(2)) if match else ("", key)
-
-
-def to_hf_key(key: str) -> str:
-    """Our name of a tensor that is one HF tensor -> the HF name. KeyError for the others."""
-    layer, name = _layer_key(key)
-    if name in _LAYER_KEYS:
-        return f"model.layers.{layer}.{_LAYER_KEYS[name]}"
-    try:
-        return llama_hf.to_hf_key(key)
-    except KeyError:
-        raise KeyError(f"{key!r} has no single Hugging Face Qwen3 counterpart") from None
-
-
-def from_hf_key(hf_key: str) -> str:
-    """HF name -> ours; an expert's tensor maps to the stacked tensor of its layer. KeyError for names
-    we do not know (e.g. rotary inv_freq buffers)."""
-    expert = _HF_EXPERT.match(hf_key)
-    if expert and expert.group(2) in _EXPERT_KEYS_BACK:
-        return f"layers.{expert.group(1)}.{_EXPERT_KEYS_BACK[expert.group(2)]}"
-    match = _HF_LAYER.match(hf_key)
-    if match and match.group(2) in _LAYER_KEYS_BACK:
-        return f"layers.{match.group(1)}.{_LAYER_KEYS_BACK[match.group(2)]}"
-    try:
-        return llama_hf.from_hf_key(hf_key)
-    except KeyError:
-        raise KeyError(f"{hf_key!r} is not a Qwen3 parameter we know") from None
-
-
-def expert_hf_keys(key: str, n_experts: int) -> list[str]:
-    """The HF names, expert by expert, of one of our stacked expert tensors (layers.N.moe.experts.w*)."""
-    layer, name = _layer_key(key)
-    return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_KEYS[name]}.weight" for e in range(n_experts)]
-
-
-def hf_keys_needed(keys: Iterable[str], cfg: "ModelConfig") -> dict[str, str | list[str]]:
-    """For our parameter names (e.g. one pipeline stage's), the HF tensor each is read from: a name, or
-    for stacked expert weights the list of per-expert names. With tied embeddings the output
-    projection is read from the embedding (HF files omit lm_head). The expert bias is left out: it has
-    no HF tensor and stays zero."""
-    needed: dict[str, str | list[str]] = {}
-    for key in keys:
-        name = _layer_key(key)[1]
-        if name == _EXPERT_BIAS:
-            continue
-        if name in _EXPERT_KEYS:
-            needed[key] = expert_hf_keys(key, cfg.moe.n_routed_experts)
-        elif key == "output.weight" and cfg.tie_word_embeddings:
-            needed[key] = _EMBEDDING
-        else:
-            needed[key] = to_hf_key(key)
-    return needed
 
 
 # ----------------------------------------------------------------------------- RoPE row order
@@ -125,66 +53,21 @@ def _reorder(key: str, value: torch.Tensor, cfg: "ModelConfig", to_hf: bool) -> 
     return value
 
 
-# ----------------------------------------------------------------------------- tensors
-def to_hf(state_dict: dict[str, torch.Tensor], cfg: "ModelConfig") -> dict[str, torch.Tensor]:
-    """Our full state dict -> HF tensors (same dtype): experts one by one (copies, so that each is its
-    own storage in safetensors), lm_head left out when embeddings are tied. ValueError for a non-zero
-    expert bias, which Qwen3 cannot express."""
-    out = {}
-    for key, value in state_dict.items():
-        name = _layer_key(key)[1]
-        if key == "output.weight" and cfg.tie_word_embeddings:
-            continue
-        if name == _EXPERT_BIAS:
-            if torch.count_nonzero(value):
-                raise ValueError(f"{key} is non-zero, and Hugging Face Qwen3-MoE routes without a bias. "
-                                 "Fix: train with model.moe.bias_update_speed=0 to export to it.")
-            continue
-        if name in _EXPERT_KEYS:
-            out.update({hf_key: w.clone() for hf_key, w in zip(expert_hf_keys(key, value.shape[0]), value)})
-            continue
-        out[to_hf_key(key)] = _reorder(key, value, cfg, to_hf=True)
-    return out
-
-
-def _keys_of(hf_state_dict: dict[str, torch.Tensor], cfg: "ModelConfig") -> list[str]:
-    """Our names of everything an HF state dict holds (a whole model), the expert biases included."""
-    keys = []
-    for hf_key in hf_state_dict:
-        if hf_key == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        key = from_hf_key(hf_key)
-        if key not in keys:
-            keys.append(key)
-            if _layer_key(key)[1] == "moe.router.gate.weight":
-                keys.append(key.replace("router.gate.weight", "expert_bias"))
-    if cfg.tie_word_embeddings and "tok_embeddings.weight" in keys:
-        keys.append("output.weight")
-    return keys
-
-
-def from_hf(
-    hf_state_dict: dict[str, torch.Tensor], cfg: "ModelConfig", keys: Iterable[str] | None = None
-) -> dict[str, torch.Tensor]:
-    """HF tensors -> our state dict. `keys`: the names wanted (a pipeline stage's); default: the whole model
-    (with zero expert biases). KeyError names the first HF tensor that is missing."""
-    keys = _keys_of(hf_state_dict, cfg) if keys is None else list(keys)
-    needed = hf_keys_needed(keys, cfg)
-    out = {}
-    for key in keys:
-        if key not in needed:  # the expert bias
-            out[key] = torch.zeros(cfg.moe.n_routed_experts)
-            continue
-        sources = needed[key]
-        names = [sources] if isinstance(sources, str) else sources
-        for hf_key in names:
-            if hf_key not in hf_state_dict:
-                raise KeyError(f"the HF checkpoint has no {hf_key!r} (needed for our {key!r})")
-        if isinstance(sources, str):
-            out[key] = _reorder(key, hf_state_dict[sources], cfg, to_hf=False)
-        else:
-            out[key] = torch.stack([hf_state_dict[hf_key] for hf_key in names])
-    return out
+# ----------------------------------------------------------------------------- names and tensors
+_ADAPTER = MoEStateDictAdapter(
+    "Qwen3",
+    _LAYER_KEYS,
+    bias_has_no_hf_tensor=lambda cfg: True,
+    no_bias_reason="Hugging Face Qwen3-MoE routes without a bias",
+    to_hf_value=lambda key, value, cfg: _reorder(key, value, cfg, to_hf=True),
+    from_hf_value=lambda key, value, cfg: _reorder(key, value, cfg, to_hf=False),
+)
+to_hf_key = _ADAPTER.to_hf_key
+from_hf_key = _ADAPTER.from_hf_key
+expert_hf_keys = _ADAPTER.expert_hf_keys
+hf_keys_needed = _ADAPTER.hf_keys_needed
+to_hf = _ADAPTER.to_hf
+from_hf = _ADAPTER.from_hf
 
 
 # ----------------------------------------------------------------------------- config.json

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor.parallel import SequenceParallel
 
 from pretrain.distributed.parallelize import parallelize_decoder
-from pretrain.models.llama3.parallelize import tp_plan_attention, tp_plan_feed_forward
+from pretrain.models.llama3.parallelize import tp_plan_attention, tp_plan_ffn
 
 if TYPE_CHECKING:
     from pretrain.config import JobConfig
@@ -37,15 +37,9 @@ def tp_plan_qk_norm() -> dict:
 
 
 def tp_plan_block(block: nn.Module, colwise: type, rowwise: type, prepare_input: type) -> dict:
-    """Attention heads (and their norms) split over TP ranks. A dense block splits its SwiGLU hidden units;
-    a MoE block keeps only its sequence-parallel ffn_norm here (the experts are sharded by
-    pretrain/distributed/expert_parallel.py)."""
-    plan = {**tp_plan_attention(colwise, rowwise, prepare_input), **tp_plan_qk_norm()}
-    if getattr(block, "moe", None) is not None:
-        plan["ffn_norm"] = SequenceParallel()
-    else:
-        plan.update(tp_plan_feed_forward(colwise, rowwise, prepare_input))
-    return plan
+    """Attention heads (and their norms) split over TP ranks; the feed-forward as in every family."""
+    return {**tp_plan_attention(colwise, rowwise, prepare_input), **tp_plan_qk_norm(),
+            **tp_plan_ffn(block, colwise, rowwise, prepare_input)}
 
 
 def parallelize_qwen3(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> nn.Module:
