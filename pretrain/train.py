@@ -131,6 +131,8 @@ class Trainer:
             torch.manual_seed(t.seed)  # the offset-based RNG of DTensor makes each shard its slice of the full init
             for part in parts:
                 part.to_empty(device=self.device)
+                if cfg.tie_word_embeddings and part.output is not None and part.tok_embeddings is not None:
+                    part.output.weight = part.tok_embeddings.weight  # without FSDP, to_empty gives each its own tensor
                 part.init_weights(buffer_device=self.device)
         return parts
 
