@@ -28,6 +28,11 @@ class ExpertLoad:
         for moe in self.moes:
             moe.aux_loss_scale = 1.0 / (max(n_moe_layers, 1) * microbatches)
 
+    def reset(self) -> None:
+        """Forget the tokens counted so far (a pipeline's shape-inference pass routes placeholder inputs)."""
+        for moe in self.moes:
+            moe.tokens_per_expert.zero_()
+
     def step(self) -> dict[str, torch.Tensor]:
         """Update the biases from this step's counts and reset them; returns the step's load metrics."""
         if not self.enabled:

@@ -71,17 +71,19 @@ class Trainer:
         self.spec = get_model_spec(job.model.name)
         self.model_parts = self._build_model()  # the whole model, or this rank's pipeline stages
         self.loss_fn = per_step_loss(build_loss_fn(job.compile, self.loss_parallel), self.local_tokens_per_step)
-        self.pipeline = None
-        if self.dims.pp_enabled:
-            self.pipeline = Pipeline(self.model_parts, self.dims, job, self.device, self.loss_fn)
-        self.model = None if self.pipeline else self.model_parts[0]
-        self.params = [p for part in self.model_parts for p in part.parameters()]  # clipped every step
         microbatches = t.global_batch_size // (t.local_batch_size * self.dims.dp)
         if self.dims.pp_enabled:
             microbatches *= t.local_batch_size // job.parallelism.pipeline_parallel_microbatch_size
+        pp_mesh = self.dims.mesh("pp") if self.dims.pp_enabled else None
         self.expert_load = ExpertLoad(self.model_parts, job.model, microbatches, self.loss_group,
-                                      self.pipeline.group if self.pipeline else None)
+                                      pp_mesh.get_group() if pp_mesh is not None else None)
         self.expert_stats: dict = {}
+        self.pipeline = None
+        if self.dims.pp_enabled:
+            self.pipeline = Pipeline(self.model_parts, self.dims, job, self.device, self.loss_fn,
+                                     after_metadata_pass=self.expert_load.reset)
+        self.model = None if self.pipeline else self.model_parts[0]
+        self.params = [p for part in self.model_parts for p in part.parameters()]  # clipped every step
         self.optimizer = build_optimizer(nn.ModuleList(self.model_parts), job.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
@@ -150,23 +150,20 @@ def schedule_class(name: str) -> type:
         ) from None
 
 
-def _uncount_metadata_pass(stage) -> None:
+def _after_metadata_pass(stage, callback: Callable[[], None]) -> None:
     """torch >= 2.13 infers each stage's shapes in its first step by running the stage forward once on
-    placeholder inputs. That forward routes tokens like any other, so a MoE layer would count them into
-    the step's expert load (and the bias update): reset the counts right after it."""
+    placeholder inputs; `callback` runs right after that pass (to undo its side effects, e.g. the tokens
+    a MoE layer counted). Older torch has no such pass."""
     infer = getattr(stage, "_forward_metadata_inference", None)
     if infer is None:
         return
 
-    def infer_then_reset(*args, **kwargs):
+    def infer_then_callback(*args, **kwargs):
         out = infer(*args, **kwargs)
-        for module in stage.submod.modules():
-            counts = getattr(module, "tokens_per_expert", None)
-            if isinstance(counts, torch.Tensor):
-                counts.zero_()
+        callback()
         return out
 
-    stage._forward_metadata_inference = infer_then_reset
+    stage._forward_metadata_inference = infer_then_callback
 
 
 class Pipeline:
@@ -174,7 +171,8 @@ class Pipeline:
     (forward, loss on the last stage, backward), split into micro-batches by the schedule."""
 
     def __init__(
-        self, parts: list[nn.Module], dims: "ParallelDims", job: "JobConfig", device: torch.device, loss_fn: "LossFn"
+        self, parts: list[nn.Module], dims: "ParallelDims", job: "JobConfig", device: torch.device, loss_fn: "LossFn",
+        after_metadata_pass: Callable[[], None] = lambda: None,
     ):
         from torch.distributed.pipelining import PipelineStage
         from torch.distributed.pipelining.schedules import PipelineScheduleSingle
@@ -188,7 +186,7 @@ class Pipeline:
         self.has_first, self.has_last = 0 in ids, n_stages - 1 in ids
         stages = [PipelineStage(part, i, n_stages, device, group=self.group) for part, i in zip(parts, ids)]
         for stage in stages:
-            _uncount_metadata_pass(stage)
+            _after_metadata_pass(stage, after_metadata_pass)
         cls = schedule_class(p.pipeline_parallel_schedule)
         n_microbatches = job.training.local_batch_size // p.pipeline_parallel_microbatch_size
         single = issubclass(cls, PipelineScheduleSingle)
