@@ -3,8 +3,9 @@ ranks that hold different tokens (dp x cp; TP ranks route the same tokens), then
   - the auxiliary-loss-free balancing update of each layer's expert bias (DeepSeek-V3), identical on every rank;
   - load metrics: the busiest and the idlest expert of any layer, relative to the layer's mean load
     (1.0 = balanced; an idle expert shows min_load 0).
-Activation checkpointing may recompute a MoE forward and count its tokens twice: every expert of that
-layer twice, so the sign of the update and the ratios are unchanged.
+Without bias updates the counts are reduced only on log steps. Activation checkpointing may recompute a
+MoE forward and count its tokens twice: every expert of that layer twice, so the sign of the update and
+the ratios are unchanged.
 It also tells the MoE layers how to weigh the balance loss (1 / (MoE layers x micro-batches per step)).
 """
 
@@ -20,11 +21,12 @@ from pretrain.models.moe import MoE
 
 class ExpertLoad:
     def __init__(self, model_parts: list[nn.Module], cfg: ModelConfig, microbatches: int,
-                 token_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None):
+                 token_group: dist.ProcessGroup | None, pp_group: dist.ProcessGroup | None, device: torch.device):
         self.moes = [m for part in model_parts for m in part.modules() if isinstance(m, MoE)]
-        self.token_group, self.pp_group = token_group, pp_group
+        self.token_group, self.pp_group, self.device = token_group, pp_group, device
         n_moe_layers = sum(is_moe_layer(cfg, i) for i in range(cfg.n_layers))
         self.enabled = n_moe_layers > 0  # (a pipeline stage may hold none of them, and still joins the reduction)
+        self.updates_bias = cfg.moe.bias_update_speed > 0
         for moe in self.moes:
             moe.aux_loss_scale = 1.0 / (max(n_moe_layers, 1) * microbatches)
 
@@ -33,12 +35,15 @@ class ExpertLoad:
         for moe in self.moes:
             moe.tokens_per_expert.zero_()
 
-    def step(self) -> dict[str, torch.Tensor]:
-        """Update the biases from this step's counts and reset them; returns the step's load metrics."""
+    def step(self, log: bool) -> dict[str, torch.Tensor]:
+        """Update the biases from this step's counts and reset them; on a log step, return its load metrics.
+        Without bias updates, the counts are only reduced on log steps."""
         if not self.enabled:
             return {}
-        device = self.moes[0].tokens_per_expert.device if self.moes else torch.device("cpu")
-        stats = torch.zeros(2, device=device)  # (max load, -min load); a stage without MoE layers adds nothing
+        if not log and not self.updates_bias:
+            self.reset()
+            return {}
+        stats = None  # (max load, -min load); a stage without MoE layers adds nothing
         if self.moes:
             counts = torch.stack([moe.tokens_per_expert for moe in self.moes])  # (layers here, E)
             if self.token_group is not None:
@@ -47,6 +52,10 @@ class ExpertLoad:
                 moe.update_expert_bias(layer_counts)
             load = counts / counts.mean(dim=1, keepdim=True).clamp_min(1e-9)
             stats = torch.stack([load.max(), -load.min()])
+        if not log:
+            return {}
+        if stats is None:
+            stats = torch.zeros(2, device=self.device)
         if self.pp_group is not None:  # each stage holds other layers
             dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=self.pp_group)
         return {"moe_max_load": stats[0], "moe_min_load": -stats[1]}

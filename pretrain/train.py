@@ -76,7 +76,7 @@ class Trainer:
             microbatches *= t.local_batch_size // job.parallelism.pipeline_parallel_microbatch_size
         pp_mesh = self.dims.mesh("pp") if self.dims.pp_enabled else None
         self.expert_load = ExpertLoad(self.model_parts, job.model, microbatches, self.loss_group,
-                                      pp_mesh.get_group() if pp_mesh is not None else None)
+                                      pp_mesh.get_group() if pp_mesh is not None else None, self.device)
         self.expert_stats: dict = {}
         self.pipeline = None
         if self.dims.pp_enabled:
@@ -172,7 +172,6 @@ class Trainer:
             self._on_nonfinite(loss_total, grad_norm)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.expert_stats = self.expert_load.step()  # MoE: expert-bias update and load metrics
         return loss_total, grad_norm
 
     def _on_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -220,7 +219,9 @@ class Trainer:
                 state.tokens_seen += t.global_batch_size * t.seq_len
                 # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share its tokens
                 window_tokens += self.local_tokens_per_step // (self.dims.tp * self.dims.pp)
-                if state.step == 1 or state.step % self.job.metrics.log_freq == 0 or state.step == t.steps:
+                log_now = state.step == 1 or state.step % self.job.metrics.log_freq == 0 or state.step == t.steps
+                self.expert_stats = self.expert_load.step(log_now)  # MoE: expert-bias update, load metrics
+                if log_now:
                     now = time.perf_counter()
                     self._log_step(state, loss, grad_norm, lr, window_tokens, now - window_start, now - start)
                     window_start, window_tokens = time.perf_counter(), 0
