@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.model_config import ModelConfig, is_moe_layer
-from pretrain.models.moe import MoE
+from pretrain.config.model import ModelConfig, is_moe_layer
+from pretrain.models.common.moe import MoE
 
 
 class ExpertLoad:

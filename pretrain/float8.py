@@ -17,14 +17,15 @@ do not: they hand float8 tensors to gloo, which has no float8 dtypes, so that pa
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 from pretrain.log import logger
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ AUTO_FILTER = "auto_filter_small_kn"
 MIN_CUDA_CAPABILITY = (8, 9)
 
 
-def convert_to_float8(model: nn.Module, cfg: "Float8Config", device_type: str) -> None:
+def convert_to_float8(model: nn.Module, cfg: Float8Config, device_type: str) -> None:
     """Swap the model's eligible nn.Linear for torchao's Float8Linear, in place; no-op when disabled."""
     if not cfg.enable:
         return
@@ -72,7 +73,7 @@ def convert_to_float8(model: nn.Module, cfg: "Float8Config", device_type: str) -
     )
 
 
-def emulates(cfg: "Float8Config", device_type: str) -> bool:
+def emulates(cfg: Float8Config, device_type: str) -> bool:
     """Whether the float8 matmuls are emulated. CPU: always. CUDA: when asked; without float8 tensor
     cores and not asked, the run is refused (it would fail at the first matmul otherwise)."""
     if device_type != "cuda":
@@ -91,7 +92,7 @@ def emulates(cfg: "Float8Config", device_type: str) -> bool:
     return False
 
 
-def build_linear_config(cfg: "Float8Config", emulate: bool):
+def build_linear_config(cfg: Float8Config, emulate: bool):
     """torchao's Float8LinearConfig for the recipe."""
     from torchao.float8 import Float8LinearConfig
 
@@ -106,7 +107,7 @@ def build_linear_config(cfg: "Float8Config", emulate: bool):
     return dataclasses.replace(Float8LinearConfig.from_recipe_name(cfg.recipe_name), emulate=emulate)
 
 
-def build_module_filter(cfg: "Float8Config", emulate: bool) -> Callable[[nn.Module, str], str | None]:
+def build_module_filter(cfg: Float8Config, emulate: bool) -> Callable[[nn.Module, str], str | None]:
     """(module, fqn) -> None to convert the linear layer, else why it stays in high precision.
 
     `filter_fqns` entries match as substrings of the fully qualified name ("output" keeps `output`;
@@ -143,7 +144,7 @@ def build_module_filter(cfg: "Float8Config", emulate: bool) -> Callable[[nn.Modu
     return keep
 
 
-def float8_tp_styles(cfg: "Float8Config") -> tuple[type, type, type]:
+def float8_tp_styles(cfg: Float8Config) -> tuple[type, type, type]:
     """(colwise, rowwise, prepare-input) TP styles: torchao's float8 ones for the tensorwise recipe.
     They cast activations to float8 before the TP all-gather (half the bytes); the rowwise recipes
     cast after it and use torch's plain styles. Called on the rank, once the process group exists."""
@@ -164,7 +165,7 @@ def float8_tp_styles(cfg: "Float8Config") -> tuple[type, type, type]:
     return ColwiseParallel, RowwiseParallel, PrepareModuleInput
 
 
-def precompute_float8_scales(model_parts: list[nn.Module], cfg: "Float8Config") -> None:
+def precompute_float8_scales(model_parts: list[nn.Module], cfg: Float8Config) -> None:
     """After each optimizer step: one fused amax for all float8 weights (FSDP float8 all-gather)."""
     if not (cfg.enable and cfg.precompute_float8_dynamic_scale_for_fsdp):
         return

@@ -7,36 +7,50 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import uuid
 
-from pretrain.config import ConfigError, JobConfig, TrainingHalted
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from pretrain.config import JobConfig
+from pretrain.errors import EXIT_HALTED, EXIT_USER_ERROR, ConfigError, TrainingHalted
+from pretrain.train import main
 
 
 def launch(job: JobConfig) -> int:
     """Run `pretrain.train.main(job)` on every rank; returns the exit code for the shell."""
     if job.cluster.name == "slurm":  # launch.py reaches this only with hydra.mode=RUN; the usual path is the Hydra launcher
         return submit_to_slurm(job)
-    nproc = job.cluster.nproc_per_node
-    if nproc == 1:
-        from pretrain.train import main
-
+    if job.cluster.nproc_per_node == 1:
         try:
             main(job)
-        except TrainingHalted as e:  # the run stopped itself (non-finite loss)
+        except TrainingHalted as e:  # the run stopped itself (non-finite loss, failed save)
             print(f"stopped: {e}", file=sys.stderr)
-            return 3
+            return EXIT_HALTED
         except ConfigError as e:  # a user error found at run time (data, tokenizer, checkpoint)
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_USER_ERROR
         return 0
+    with tempfile.TemporaryDirectory(prefix="pretrain-errors-") as error_dir:
+        return _launch_local_processes(job, error_dir)
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from pretrain.train import main
+def run_rank(job: JobConfig, error_dir: str) -> None:
+    """One rank started by the elastic launcher: a user error or a halt leaves its message in `error_dir`
+    and exits with its own code, so the launcher reports it once, without a traceback."""
+    try:
+        main(job)
+    except (ConfigError, TrainingHalted) as e:
+        with open(os.path.join(error_dir, f"rank-{os.environ.get('RANK', '0')}.txt"), "w") as f:
+            f.write(str(e))
+        sys.exit(EXIT_USER_ERROR if isinstance(e, ConfigError) else EXIT_HALTED)
 
+
+def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
+    nproc = job.cluster.nproc_per_node
     # torchelastic's agent logs every worker failure with its own traceback; we print one summary below
-    # (the failed rank's full traceback included, except for user errors that carry their fix).
+    # (the failed rank's full traceback included, except for user errors and halts, which carry their fix).
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     if job.cluster.device != "cuda" and "OMP_NUM_THREADS" not in os.environ:
@@ -53,18 +67,14 @@ def launch(job: JobConfig) -> int:
         start_method="spawn",
     )
     try:
-        elastic_launch(config, entrypoint=main)(job)
+        elastic_launch(config, entrypoint=run_rank)(job, error_dir)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        message = failure.message.get("message", "") if isinstance(failure.message, dict) else str(failure.message)
-        halted = message.partition("TrainingHalted: ")[2]
-        if halted:  # every rank stops at the same step; the first failure tells why
-            print(f"stopped (rank {rank}): {halted}", file=sys.stderr)
-            return 3
-        user_error = message.partition("ConfigError: ")[2]
-        if user_error:  # a user error found at run time: the message says how to fix it
-            print(f"error (rank {rank}): {user_error}", file=sys.stderr)
-            return 2
+        for rank in sorted(e.failures):  # every rank stops at the same step: the lowest one that said why
+            code, path = e.failures[rank].exitcode, os.path.join(error_dir, f"rank-{rank}.txt")
+            if code in (EXIT_USER_ERROR, EXIT_HALTED) and os.path.isfile(path):
+                with open(path) as f:
+                    print(f"{'error' if code == EXIT_USER_ERROR else 'stopped'} (rank {rank}): {f.read()}", file=sys.stderr)
+                return code
         print(f"error: training failed on rank(s) {sorted(e.failures)}:\n{e.format_msg()}", file=sys.stderr)
         return 1
     return 0

@@ -4,7 +4,8 @@ per-token mean of the global batch."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
 
 
-def build_loss_fn(compile_cfg: "CompileConfig", loss_parallel: bool = False) -> LossFn:
+def build_loss_fn(compile_cfg: CompileConfig, loss_parallel: bool = False) -> LossFn:
     """The loss, compiled when compile.components has "loss". Not under loss parallel: its
     vocab-sharded cross-entropy is a DTensor op handler that dynamo does not trace (the compiled
     graph would reduce only this rank's vocabulary shard). Logits that arrive as a not-yet-waited

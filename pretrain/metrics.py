@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from pretrain.config import ConfigError, JobConfig
+from pretrain.config import JobConfig
+from pretrain.errors import ConfigError
 from pretrain.log import logger
 from pretrain.peak_flops import peak_flops, peak_flops_for_name  # noqa: F401  (re-exported)
 
@@ -220,7 +221,7 @@ class MetricsLogger:
             self._jsonl.close()
             self._jsonl = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc: object) -> None:

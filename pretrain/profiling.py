@@ -15,7 +15,8 @@ import contextlib
 import os
 import pickle
 import time
-from typing import TYPE_CHECKING, Iterator, Optional
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -30,7 +31,7 @@ MAX_SNAPSHOT_ENTRIES = 100_000  # allocator events kept in the ring buffer
 class StepProfiler:
     """Traces and snapshots on their schedule; `step()` once after every training step."""
 
-    def __init__(self, cfg: "ProfilingConfig", run_dir: str, rank: int, device: torch.device, start_step: int):
+    def __init__(self, cfg: ProfilingConfig, run_dir: str, rank: int, device: torch.device, start_step: int):
         self.cfg, self.rank, self.step_num = cfg, rank, start_step
         self.trace_dir = os.path.join(run_dir, cfg.save_traces_folder)
         self.snapshot_dir = os.path.join(run_dir, cfg.save_memory_snapshot_folder)
@@ -81,7 +82,7 @@ class StepProfiler:
 
 @contextlib.contextmanager
 def profile_steps(
-    cfg: "ProfilingConfig", run_dir: str, rank: int, device: torch.device, start_step: int
+    cfg: ProfilingConfig, run_dir: str, rank: int, device: torch.device, start_step: int
 ) -> Iterator[StepProfiler]:
     profiler = StepProfiler(cfg, run_dir, rank, device, start_step)
     try:

@@ -16,13 +16,15 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from pretrain import preemption
-from pretrain.checkpoint import CheckpointManager, complete_steps
-from pretrain.config import JobConfig, TrainingHalted
+from pretrain.checkpoint.manager import CheckpointManager
+from pretrain.checkpoint.state import complete_steps
+from pretrain.config import JobConfig
 from pretrain.data.dataset import TokenWindowLoader
 from pretrain.data.tokenizer import build_tokenizer
 from pretrain.distributed.context_parallel import shard_sequence
 from pretrain.distributed.fsdp import DTYPES, cast_parameters, param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
+from pretrain.distributed.parallelize import parallelize_decoder
 from pretrain.distributed.pipeline import Pipeline, split_for_rank
 from pretrain.distributed.utils import (
     clip_grad_norm_,
@@ -31,6 +33,7 @@ from pretrain.distributed.utils import (
     set_collective_timeout,
     set_cpu_threads,
 )
+from pretrain.errors import TrainingHalted
 from pretrain.expert_load import ExpertLoad
 from pretrain.float8 import convert_to_float8, precompute_float8_scales
 from pretrain.log import init_logging, is_rank0, logger
@@ -128,7 +131,7 @@ class Trainer:
         if t.dtype != "float32":  # full low-precision training: no fp32 master weights
             cast_parameters(model, DTYPES[t.dtype])
         parts = split_for_rank(model, self.dims, self.job) if self.dims.pp_enabled else [model]
-        parts = [self.spec.parallelize(part, self.dims, self.job) for part in parts]
+        parts = [parallelize_decoder(part, self.dims, self.job, self.spec.tp_plan_block) for part in parts]
         if not init_full:
             torch.manual_seed(t.seed)  # the offset-based RNG of DTensor makes each shard its slice of the full init
             for part in parts:

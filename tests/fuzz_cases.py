@@ -17,14 +17,13 @@ import shlex
 import string
 import typing
 
+from helpers import CONF
 from omegaconf import OmegaConf
 
-from helpers import CONF
 from pretrain.config import JobConfig
-from pretrain.distributed.layout_checks import MULTI_STAGE_SCHEDULES, PP_SCHEDULES
-from pretrain.feature_checks import AC_MODES, COMPILE_COMPONENTS, FLOAT8_RECIPES
-from pretrain.models import FAMILIES
-
+from pretrain.config.features import AC_MODES, COMPILE_COMPONENTS, FLOAT8_RECIPES
+from pretrain.config.layout import MULTI_STAGE_SCHEDULES, PP_SCHEDULES
+from pretrain.config.model import family_names
 
 SEED = int(os.environ.get("PRETRAIN_FUZZ_SEED", "20250611"))
 SCALE = int(os.environ.get("PRETRAIN_FUZZ_SCALE", "1"))
@@ -128,7 +127,7 @@ RANGES = {
 }
 # key -> (allowed values, overrides under which they are checked); list fields take a list of them
 CHOICES = {
-    "model.name": (tuple(FAMILIES), ()),
+    "model.name": (tuple(family_names()), ()),
     "model.rope_scaling_type": (("llama3", "yarn"), ()),
     "model.moe.score_func": (("softmax", "sigmoid"), MOE),
     "parallelism.fsdp_reshard_after_forward": (("default", "always", "never"), ()),

@@ -21,9 +21,9 @@ from pretrain.config import JobConfig
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.parallelize import parallelize_decoder
 from pretrain.distributed.utils import clip_grad_norm_
-from pretrain.models.llama3.model import Transformer
-from pretrain.models.llama3.parallelize import tp_plan_block
-from pretrain.models.moe import MoE
+from pretrain.models.common.decoder import Transformer
+from pretrain.models.common.moe import MoE
+from pretrain.models.common.tp_plan import tp_plan_block
 
 # name -> (dp_shard, tp, ep); the world size is their product / (ep borrowed from dp_shard)
 LAYOUTS = {

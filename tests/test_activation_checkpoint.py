@@ -14,10 +14,10 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, compose, losses, run_launch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import TINY, compose, losses, run_launch
 from pretrain.config import ActivationCheckpointConfig, ModelConfig
 from pretrain.distributed.activation_checkpoint import apply_ac
 from pretrain.models import get_model_spec

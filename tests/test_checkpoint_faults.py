@@ -11,12 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, losses, read_metrics, run_launch
-from pretrain.checkpoint import complete_steps
+
+from pretrain.checkpoint.state import complete_steps
 
 pytestmark = pytest.mark.multiprocess
 

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-
 from helpers import TINY, aim_metric, read_metrics, run_launch
 
 RUN = [*TINY, "training.steps=20", "checkpoint.interval=5", "metrics.enable_aim=true"]

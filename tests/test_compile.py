@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-
 from helpers import TINY, losses, run_launch
+
 from pretrain.config import CompileConfig
 from pretrain.loss import build_loss_fn, cross_entropy_sum
 

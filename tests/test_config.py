@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from helpers import CONF, REPO, compose, run_launch
+
 from pretrain.config import ConfigError, JobConfig, resolve
 
 GROUPS = ("model", "parallelism", "float8", "data", "cluster")

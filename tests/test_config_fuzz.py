@@ -21,10 +21,10 @@ import types
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
-
 from fuzz_cases import CHOICES, COUNTS, FREE, LEAVES, PATHS, RANGES, SEED, SLURM, VALID, invalid_cases
 from helpers import REPO, compose
+from hydra.core.global_hydra import GlobalHydra
+
 from pretrain.config import resolve
 
 MAX_LINES = 8  # of a refusal, not counting the tab-indented list of available options Hydra adds

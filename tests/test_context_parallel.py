@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from helpers import TINY, losses, run_launch
+
 from pretrain.config import ConfigError
 from pretrain.distributed.context_parallel import load_balanced_positions
 

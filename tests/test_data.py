@@ -18,8 +18,9 @@ import torch
 from omegaconf import OmegaConf
 
 from pretrain.config import DataConfig, ModelConfig, validate_data
-from pretrain.data.dataset import TokenWindowLoader, open_text_stream
+from pretrain.data.dataset import TokenWindowLoader
 from pretrain.data.embedded import embedded_documents
+from pretrain.data.sources import open_text_stream
 from pretrain.data.tokenizer import HFTokenizer, build_tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -248,7 +249,7 @@ def test_local_files_explicit_builder_and_wrong_field(tmp_path, tokenizer):
 def test_unreachable_hub_says_so_and_suggests_a_local_directory(tmp_path):
     script = (
         "from pretrain.config import ConfigError, DataConfig\n"
-        "from pretrain.data.dataset import open_text_stream\n"
+        "from pretrain.data.sources import open_text_stream\n"
         "try:\n"
         "    open_text_stream(DataConfig(path='allenai/c4', data_files=['en/c4-train.*-of-01024.json.gz']))\n"
         "except ConfigError as e:\n"

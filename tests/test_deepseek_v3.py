@@ -24,13 +24,11 @@ import re
 
 import pytest
 import torch
-
-from helpers import (LOGIT_TOL, LOSS_RTOL, assert_logits_close, compose, logits, losses, relative_error,
-                     run_launch)
+from helpers import LOGIT_TOL, LOSS_RTOL, assert_logits_close, compose, logits, losses, relative_error, run_launch
 
 transformers = pytest.importorskip("transformers")
 
-from pretrain import hf_io  # noqa: E402
+from pretrain.checkpoint import hf_io  # noqa: E402
 from pretrain.config import ModelConfig, resolve  # noqa: E402
 from pretrain.models import get_model_spec  # noqa: E402
 from pretrain.models.deepseek_v3 import hf as ds_hf  # noqa: E402
@@ -150,7 +148,7 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path, tokens):
     assert relative_error(logits(model, tokens), logits(unscaled, tokens)) > 100 * LOGIT_TOL
 
 
-def hf_checkpoint(cfg: ModelConfig, folder) -> "transformers.PreTrainedModel":
+def hf_checkpoint(cfg: ModelConfig, folder) -> transformers.PreTrainedModel:
     """A random transformers model of cfg's shape (non-zero expert biases), saved by transformers itself."""
     config = {**ds_hf.hf_config(cfg, "float32"), "initializer_range": 0.1}
     config.pop("architectures")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 import pytest
-
 from helpers import CONF, run_launch
 
 RECIPES = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

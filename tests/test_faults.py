@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, TINY, losses, read_metrics, run_launch
-from pretrain.checkpoint import complete_steps
+
+from pretrain.checkpoint.state import complete_steps
 
 pytestmark = pytest.mark.multiprocess
 

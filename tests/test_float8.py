@@ -21,10 +21,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from helpers import TINY, compose, losses, run_launch
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
-from helpers import TINY, compose, losses, run_launch
 from pretrain.config import ConfigError, Float8Config, resolve
 from pretrain.float8 import convert_to_float8, float8_tp_styles, precompute_float8_scales
 from pretrain.models import get_model_spec

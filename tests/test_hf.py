@@ -22,16 +22,15 @@ import sys
 
 import pytest
 import torch
-
 from helpers import LOSS_RTOL, REPO, TINY, assert_logits_close, compose, logits, losses, run_launch
 
 transformers = pytest.importorskip("transformers")
 
-from pretrain import convert, hf_io  # noqa: E402
-from pretrain.checkpoint import CheckpointManager  # noqa: E402
+from pretrain.checkpoint import convert, hf_io  # noqa: E402
+from pretrain.checkpoint.manager import CheckpointManager  # noqa: E402
 from pretrain.config import CheckpointConfig, ConfigError, ModelConfig  # noqa: E402
 from pretrain.models import get_model_spec  # noqa: E402
-from pretrain.models.llama3 import hf as llama_hf  # noqa: E402
+from pretrain.models.common import hf as llama_hf  # noqa: E402
 
 SPEC = get_model_spec("llama3")
 # GQA (4 query heads, 2 kv heads), and rope scaling that reaches all three bands at 64 positions:
@@ -59,7 +58,7 @@ def our_model(cfg: ModelConfig, seed: int = 0):
     return model.eval()
 
 
-def hf_llama_config(cfg: ModelConfig, **extra) -> "transformers.LlamaConfig":
+def hf_llama_config(cfg: ModelConfig, **extra) -> transformers.LlamaConfig:
     """The transformers config of an equivalent model, built with transformers' own (v5) rope keys."""
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling:

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from helpers import REPO, TINY, read_metrics, run_launch
 
 pytestmark = pytest.mark.multiprocess

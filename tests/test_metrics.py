@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 import torch
-
 from helpers import aim_metric
+
 from pretrain.config import ConfigError, JobConfig
 from pretrain.metrics import AIM_HASH_FILE, JSONL_FILE, MetricsLogger, memory_gib, throughput
 from pretrain.peak_flops import CPU_CACHE_FILE, peak_flops, peak_flops_for_name

@@ -9,7 +9,8 @@ import torch
 
 from pretrain.config import LRSchedulerConfig, ModelConfig
 from pretrain.models import get_model_spec
-from pretrain.models.llama3.model import Transformer, precompute_freqs_cis
+from pretrain.models.common.rope import precompute_freqs_cis
+from pretrain.models.llama3.model import Transformer
 from pretrain.optim import lr_factor
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32)
@@ -90,6 +91,7 @@ PUBLISHED = {"llama3_8b": 8_030_261_248, "llama3_70b": 70_553_706_496, "llama3_4
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_parameter_counts_on_meta_match_published(preset):
     from helpers import compose
+
     from pretrain.config import resolve
 
     cfg = resolve(compose([f"model={preset}"])).model

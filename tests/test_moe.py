@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.models.moe import MoE, MoEArgs
+from pretrain.models.common.moe import MoE, MoEArgs
 
 
 def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +105,7 @@ def test_group_limit_keeps_tokens_inside_their_best_groups():
 
 
 def test_balance_loss_adds_its_gradient_without_changing_the_output():
-    from pretrain.models.moe import balance_loss
+    from pretrain.models.common.moe import balance_loss
 
     torch.manual_seed(0)
     args = MoEArgs(dim=16, hidden_dim=8, n_experts=6, top_k=2, route_norm=True, aux_loss_coeff=0.1)

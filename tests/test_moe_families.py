@@ -13,7 +13,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from helpers import losses, read_metrics, run_launch
 
 pytestmark = pytest.mark.multiprocess

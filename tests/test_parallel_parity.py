@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from helpers import TINY, losses, read_metrics, run_launch
 
 pytestmark = pytest.mark.multiprocess

@@ -13,10 +13,10 @@ import shutil
 
 import pytest
 import torch
-
 from helpers import TINY, compose, read_metrics, run_launch
+
 from pretrain.config import ConfigError, resolve
-from pretrain.distributed.layout_checks import PP_SCHEDULES, pipeline_layers_per_stage
+from pretrain.config.layout import PP_SCHEDULES, pipeline_layers_per_stage
 from pretrain.distributed.pipeline import (
     check_explicit_fqns,
     fqns_per_stage,

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
 from helpers import TINY, losses, run_launch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 pytestmark = pytest.mark.multiprocess
 
@@ -38,6 +37,7 @@ def test_bf16_parameters_train_like_fp32(tmp_path):
 
 def test_dry_run_counts_bf16_storage(capsys):
     from helpers import compose
+
     from pretrain.config import resolve
     from pretrain.dry_run import dry_run
 

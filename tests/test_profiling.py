@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import TINY, read_metrics, run_launch
 
 pytestmark = pytest.mark.multiprocess

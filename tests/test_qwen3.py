@@ -27,11 +27,11 @@ import re
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from helpers import CONF, LOSS_RTOL, assert_logits_close, compose, logits, losses, run_launch
-from pretrain import hf_io
+
+from pretrain.checkpoint import hf_io
 from pretrain.config import ModelConfig, resolve
-from pretrain.model_config import head_dim
+from pretrain.config.model import head_dim
 from pretrain.models import get_model_spec
 from pretrain.models.qwen3 import hf as qwen3_hf
 

@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-
 from helpers import REPO, TINY, losses, run_launch
-from pretrain.safe_reader import SafeFileSystemReader, UnsafeCheckpoint
+
+from pretrain.checkpoint.safe_reader import SafeFileSystemReader, UnsafeCheckpoint
 
 
 class _Payload:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO, TINY, losses, read_metrics, run_launch
 
 pytestmark = pytest.mark.slurm

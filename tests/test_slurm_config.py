@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import CONF, REPO, TINY, run_launch
 
 from pretrain import preemption

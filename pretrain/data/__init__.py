@@ -9,7 +9,7 @@ _EXPORTS = {
     "Tokenizer": "pretrain.data.tokenizer",
     "build_tokenizer": "pretrain.data.tokenizer",
     "load_tokenizer": "pretrain.data.tokenizer",
-    "open_text_stream": "pretrain.data.dataset",
+    "open_text_stream": "pretrain.data.sources",
     "TokenWindowLoader": "pretrain.data.dataset",
 }
 

@@ -18,7 +18,9 @@ import os
 import platform
 from abc import ABC, abstractmethod
 
-from pretrain.config import ConfigError, DataConfig, ModelConfig
+from pretrain.config import DataConfig, ModelConfig
+from pretrain.data.sources import open_text_stream, resolve_local_files
+from pretrain.errors import ConfigError
 from pretrain.log import logger
 
 TOKENIZER_SAMPLE_CHARS = 3_000_000  # characters of the corpus the trained tokenizer sees (~1-3 s to train)
@@ -183,8 +185,6 @@ def tokenizer_cache_key(data: DataConfig, vocab_size: int) -> str:
     vocab size, sentencepiece version and trainer options."""
     import sentencepiece
 
-    from pretrain.data.dataset import resolve_local_files
-
     facts = {
         "path": data.path if data.path == "embedded" else _absolute_if_local(data.path),
         "config_name": data.config_name,
@@ -251,8 +251,6 @@ def _train_sentencepiece(data: DataConfig, vocab_size: int) -> bytes:
 
 def _sample_lines(data: DataConfig):
     """Non-blank lines of the first TOKENIZER_SAMPLE_CHARS characters of the corpus (the trainer's sentences)."""
-    from pretrain.data.dataset import open_text_stream
-
     seen = 0
     for example in open_text_stream(data):
         text = example[data.text_field] or ""

@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from pretrain.feature_checks import selective_every_n
+from pretrain.config.features import selective_every_n
 from pretrain.log import logger
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ def _layer_ids(blocks: nn.ModuleDict) -> list[int]:
     return [int(k) for k in keys] if all(k.isdigit() for k in keys) else list(range(len(keys)))
 
 
-def apply_ac(blocks: nn.ModuleDict, cfg: "ActivationCheckpointConfig") -> None:
+def apply_ac(blocks: nn.ModuleDict, cfg: ActivationCheckpointConfig) -> None:
     """Wrap the transformer blocks in place according to cfg.mode; no-op for mode=none."""
     if cfg.mode == "none":
         return

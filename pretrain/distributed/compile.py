@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from pretrain.config import CompileConfig
 
 
-def apply_compile(blocks: nn.ModuleDict, cfg: "CompileConfig") -> None:
+def apply_compile(blocks: nn.ModuleDict, cfg: CompileConfig) -> None:
     for block in blocks.values():
         has_eager_ops = _exclude_context_parallel_attention(block) | _exclude_experts(block)
         target = _compile_target(block)
@@ -103,7 +104,7 @@ def _exclude_context_parallel_attention(block: nn.Module) -> bool:
 def _exclude_experts(block: nn.Module) -> bool:
     """Run a MoE layer's experts eagerly (their batches are sized by the routing, and under EP/TP their
     weights are sharded DTensors used through their local blocks); True if the block has any."""
-    from pretrain.models.moe import GroupedExperts
+    from pretrain.models.common.moe import GroupedExperts
 
     found = False
     for module in block.modules():

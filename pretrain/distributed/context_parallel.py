@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -71,7 +71,7 @@ def load_balanced_positions(seq_len: int, cp_degree: int, cp_rank: int, device=N
     return torch.cat((head, torch.arange(tail_start, tail_start + chunk, device=device)))
 
 
-def shard_sequence(cp_mesh: "DeviceMesh", *tensors: torch.Tensor, seq_dim: int = 1) -> tuple[torch.Tensor, ...]:
+def shard_sequence(cp_mesh: DeviceMesh, *tensors: torch.Tensor, seq_dim: int = 1) -> tuple[torch.Tensor, ...]:
     """This cp rank's head and tail chunks of each tensor along `seq_dim`: (B, T) -> (B, T / cp)."""
     cp_degree, cp_rank = cp_mesh.size(), cp_mesh.get_local_rank()
     out = []
@@ -271,7 +271,7 @@ def narrow_rope_to_positions(model: nn.Module, positions: torch.Tensor) -> None:
         model.freqs_cis = freqs.index_select(0, positions.to(freqs.device))
 
 
-def apply_context_parallel(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> None:
+def apply_context_parallel(model: nn.Module, dims: ParallelDims, job: JobConfig) -> None:
     """Swap every `attention_op` for the CP one and give RoPE this rank's positions.
 
     `init_weights()` recomputes the full `freqs_cis`; it runs before parallelize on CPU and after on

@@ -1,4 +1,4 @@
-"""Tensor and expert parallelism of a MoE layer (pretrain/models/moe.py), applied from outside the model.
+"""Tensor and expert parallelism of a MoE layer (pretrain/models/common/moe.py), applied from outside the model.
 
 Tensor parallel (the experts' hidden units split over tp, as torchtitan's expert-TP = TP):
     block input (B, T/tp, D), sequence-sharded --all-gather--> every tp rank routes the same tokens
@@ -43,7 +43,7 @@ _HIDDEN_DIM = {"w1": 1, "w3": 1, "w2": 2}
 def _expert_partition(ep: bool, tp: bool):
     """partition_fn of distribute_module: experts on dim 0 over ep, hidden units over tp."""
 
-    def partition(name: str, module: nn.Module, mesh: "DeviceMesh") -> None:
+    def partition(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         for param_name, param in list(module.named_parameters(recurse=False)):
             placements = ([Shard(0)] if ep else []) + ([Shard(_HIDDEN_DIM[param_name])] if tp else [])
             dist_param = nn.Parameter(distribute_tensor(param, mesh, placements))
@@ -56,7 +56,7 @@ class _ExpertExchange:
     """input_fn / output_fn of the experts module: the all-to-all dispatch over ep and the tp
     gradient/output reductions. A forward's routing plan is kept between its two hooks."""
 
-    def __init__(self, ep_mesh: "DeviceMesh | None", tp_mesh: "DeviceMesh | None"):
+    def __init__(self, ep_mesh: DeviceMesh | None, tp_mesh: DeviceMesh | None):
         self.ep_group = ep_mesh.get_group() if ep_mesh is not None else None
         self.tp_mesh = tp_mesh
         self.plans: list[tuple] = []
@@ -64,7 +64,7 @@ class _ExpertExchange:
     # the exchanges have data-dependent sizes and call c10d collectives: they run eagerly between the
     # compiled parts of a compiled block
     @torch.compiler.disable
-    def dispatch(self, module: nn.Module, inputs: tuple, mesh: "DeviceMesh") -> tuple:
+    def dispatch(self, module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
         x, counts = inputs  # x (N, D) sorted by global expert; counts (E,)
         if self.ep_group is not None:
             x, counts = self._send_to_experts(x, counts)
@@ -73,7 +73,7 @@ class _ExpertExchange:
         return x, counts
 
     @torch.compiler.disable
-    def combine(self, module: nn.Module, out: torch.Tensor, mesh: "DeviceMesh") -> torch.Tensor:
+    def combine(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
         if self.tp_mesh is not None:  # each tp rank holds a partial sum over its hidden units
             out = DTensor.from_local(out, self.tp_mesh, (Partial(),), run_check=False).redistribute(
                 placements=(Replicate(),)).to_local()
@@ -103,7 +103,7 @@ class _ExpertExchange:
                                  group=self.ep_group)
 
 
-def _tp_replicated(module: nn.Module, tp_mesh: "DeviceMesh") -> None:
+def _tp_replicated(module: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Parameters replicated on the tp mesh, local tensors in and out (the router's gate)."""
 
     def inputs_to_dtensor(mod, inputs, mesh):
@@ -115,7 +115,7 @@ def _tp_replicated(module: nn.Module, tp_mesh: "DeviceMesh") -> None:
     distribute_module(module, tp_mesh, input_fn=inputs_to_dtensor, output_fn=outputs_to_local)
 
 
-def apply_moe_parallel(moe: nn.Module, dims: "ParallelDims") -> None:
+def apply_moe_parallel(moe: nn.Module, dims: ParallelDims) -> None:
     """TP and/or EP for one MoE layer, in place; nothing without either."""
     tp_mesh = dims.mesh("tp") if dims.tp_enabled else None
     ep_mesh = dims.mesh("ep") if dims.ep_enabled else None
@@ -138,7 +138,7 @@ def apply_moe_parallel(moe: nn.Module, dims: "ParallelDims") -> None:
                       exchange.dispatch, exchange.combine)
 
 
-def shard_experts(blocks: list[nn.Module], dims: "ParallelDims", job: "JobConfig") -> None:
+def shard_experts(blocks: list[nn.Module], dims: ParallelDims, job: JobConfig) -> None:
     """Under EP, each MoE layer's experts become their own FSDP unit on the expert FSDP mesh (before
     the blocks are wrapped, so the blocks' units leave them out). Without EP the experts are ordinary
     block parameters."""

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def param_dtype(training: "TrainingConfig", device: torch.device) -> torch.dtype:
+def param_dtype(training: TrainingConfig, device: torch.device) -> torch.dtype:
     """The compute dtype of parameters: `auto` is bf16 on CUDA and fp32 on CPU (bf16 is slow there),
     and the storage dtype when the parameters are stored in bf16 (training.dtype)."""
     if training.dtype == "bfloat16":
@@ -40,7 +40,7 @@ class FsdpUnitOptions:
     mp_policy: MixedPrecisionPolicy
     policy: str  # parallelism.fsdp_reshard_after_forward
 
-    def placement(self, mesh: "DeviceMesh"):
+    def placement(self, mesh: DeviceMesh):
         """shard_placement_fn: a stacked-expert weight (E, H, D) with fewer experts than FSDP shards (a shared
         expert is one) is sharded on H, else the whole weight would sit on the first ranks."""
         shards = mesh.size(mesh.ndim - 1)
@@ -56,7 +56,7 @@ class FsdpUnitOptions:
         return {"always": True, "never": False}.get(self.policy, index < n_blocks - 1)
 
 
-def fsdp_unit_options(mesh: "DeviceMesh", training: "TrainingConfig", parallelism: "ParallelismConfig") -> FsdpUnitOptions:
+def fsdp_unit_options(mesh: DeviceMesh, training: TrainingConfig, parallelism: ParallelismConfig) -> FsdpUnitOptions:
     device = torch.device(mesh.device_type)
     mp = MixedPrecisionPolicy(
         param_dtype=param_dtype(training, device), reduce_dtype=DTYPES[training.mixed_precision_reduce]
@@ -67,9 +67,9 @@ def fsdp_unit_options(mesh: "DeviceMesh", training: "TrainingConfig", parallelis
 def apply_fsdp(
     model: nn.Module,
     blocks: list[nn.Module],
-    mesh: "DeviceMesh",
-    training: "TrainingConfig",
-    parallelism: "ParallelismConfig",
+    mesh: DeviceMesh,
+    training: TrainingConfig,
+    parallelism: ParallelismConfig,
 ) -> None:
     options = fsdp_unit_options(mesh, training, parallelism)
     for i, block in enumerate(blocks):

@@ -20,102 +20,25 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pretrain.config.degrees import Degrees
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from pretrain.config import ParallelismConfig
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 EP_MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp")
 
 
 @dataclass
-class ParallelDims:
-    dp_replicate: int
-    dp_shard: int
-    cp: int
-    tp: int
-    pp: int
-    world_size: int
-    ep: int = 1
+class ParallelDims(Degrees):
+    """The degrees (Degrees.from_config checks them) plus, after build_mesh, the meshes."""
+
     # filled by build_mesh(): the world mesh and its flattened views
-    world_mesh: "DeviceMesh | None" = field(default=None, repr=False)
+    world_mesh: DeviceMesh | None = field(default=None, repr=False)
     meshes: dict = field(default_factory=dict, repr=False)
 
-    @classmethod
-    def from_config(cls, p: "ParallelismConfig", world_size: int) -> "ParallelDims":
-        from pretrain.config import ConfigError
-
-        degrees = {
-            "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
-            "context_parallel_degree": p.context_parallel_degree,
-            "tensor_parallel_degree": p.tensor_parallel_degree,
-            "pipeline_parallel_degree": p.pipeline_parallel_degree,
-        }
-        for key, value in {**degrees, "expert_parallel_degree": p.expert_parallel_degree}.items():
-            if value < 1:
-                raise ConfigError(f"parallelism.{key}={value} must be >= 1. Fix: use 1 to disable it.")
-        shard = p.data_parallel_shard_degree
-        others = p.data_parallel_replicate_degree * p.context_parallel_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
-        listing = ", ".join(f"{k}={v}" for k, v in degrees.items())
-        if shard == -1:
-            if world_size % others:
-                raise ConfigError(
-                    f"world size {world_size} is not divisible by the other degrees ({listing}; product {others}), "
-                    "so data_parallel_shard_degree=-1 cannot take the rest. Fix: choose degrees whose product "
-                    f"divides {world_size}, or change the number of processes."
-                )
-            shard = world_size // others
-        if shard < 1 or shard * others != world_size:
-            raise ConfigError(
-                f"parallel degrees do not fill the world: data_parallel_shard_degree={shard}, {listing}: product "
-                f"{shard * others}, but the world size is {world_size}. Fix: make the product {world_size}, e.g. "
-                "parallelism.data_parallel_shard_degree=-1."
-            )
-        ep, cp = p.expert_parallel_degree, p.context_parallel_degree
-        if ep > 1 and (ep % cp or (shard * cp) % ep):
-            raise ConfigError(
-                f"parallelism.expert_parallel_degree={ep} must be a multiple of context_parallel_degree={cp} and "
-                f"divide data_parallel_shard_degree x context_parallel_degree = {shard} x {cp} = {shard * cp}: the "
-                "expert ranks are borrowed from the FSDP and CP ranks. Fix: use an expert_parallel_degree that "
-                f"divides {shard * cp} (and is a multiple of {cp})."
-            )
-        return cls(
-            ep=ep,
-            dp_replicate=p.data_parallel_replicate_degree,
-            dp_shard=shard,
-            cp=p.context_parallel_degree,
-            tp=p.tensor_parallel_degree,
-            pp=p.pipeline_parallel_degree,
-            world_size=world_size,
-        )
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def fsdp_enabled(self) -> bool:
-        """FSDP (or HSDP) wraps the model: parameters are sharded or replicated over dp x cp."""
-        return self.dp_shard * self.cp > 1 or self.dp_replicate > 1
-
-    @property
-    def tp_enabled(self) -> bool:
-        return self.tp > 1
-
-    @property
-    def pp_enabled(self) -> bool:
-        return self.pp > 1
-
-    @property
-    def cp_enabled(self) -> bool:
-        return self.cp > 1
-
-    @property
-    def ep_enabled(self) -> bool:
-        return self.ep > 1
-
-    def build_mesh(self, device_type: str) -> "DeviceMesh | None":
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
         """The world's DeviceMesh and its flattened views; None for a single process."""
         if self.world_size == 1:
             return None
@@ -133,7 +56,7 @@ class ParallelDims:
         self._add_hsdp_view(mesh)
         return mesh
 
-    def _build_mesh_with_ep(self, device_type: str) -> "DeviceMesh":
+    def _build_mesh_with_ep(self, device_type: str) -> DeviceMesh:
         from torch.distributed.device_mesh import init_device_mesh
 
         in_ep = self.ep // self.cp
@@ -155,13 +78,13 @@ class ParallelDims:
         self._add_hsdp_view(mesh)
         return mesh
 
-    def _add_hsdp_view(self, mesh: "DeviceMesh") -> None:
+    def _add_hsdp_view(self, mesh: DeviceMesh) -> None:
         if self.dp_replicate > 1:
             with warnings.catch_warnings():  # HSDP needs (replicate, flattened shard x cp) as one 2-D mesh
                 warnings.filterwarnings("ignore", message=".*flattened dim from root mesh.*")
                 self.meshes["hsdp"] = mesh[("dp_replicate", "dp_shard_cp")]
 
-    def mesh(self, name: str) -> "DeviceMesh | None":
+    def mesh(self, name: str) -> DeviceMesh | None:
         """A named view (pp, dp_replicate, dp_shard, cp, tp, dp, dp_shard_cp, dp_cp; with EP also ep, ep_tp,
         dp_mod_ep); None for one process."""
         return self.meshes.get(name)
@@ -170,10 +93,10 @@ class ParallelDims:
         """The process group of every 1-D view (for timeouts); empty for one process."""
         return [m.get_group() for m in self.meshes.values() if m.ndim == 1]
 
-    def fsdp_mesh(self) -> "DeviceMesh":
+    def fsdp_mesh(self) -> DeviceMesh:
         """FSDP's mesh: 1-D over dp_shard x cp, or 2-D (replicate, shard x cp) for HSDP."""
         return self.meshes["hsdp"] if self.dp_replicate > 1 else self.meshes["dp_shard_cp"]
 
-    def expert_fsdp_mesh(self) -> "DeviceMesh":
+    def expert_fsdp_mesh(self) -> DeviceMesh:
         """FSDP's mesh for the experts under EP: the FSDP ranks that hold the same experts."""
         return self.meshes["hsdp_mod_ep"] if self.dp_replicate > 1 else self.meshes["dp_mod_ep"]

@@ -10,18 +10,19 @@ feed-forward (an `moe` attribute) is handled here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
+from pretrain.config.features import compiles_model
 from pretrain.distributed.activation_checkpoint import apply_ac
 from pretrain.distributed.compile import apply_compile, enable_async_tp
 from pretrain.distributed.expert_parallel import apply_moe_parallel, shard_experts
 from pretrain.distributed.fsdp import apply_fsdp
 from pretrain.distributed.tensor_parallel import apply_tp_plan
-from pretrain.feature_checks import compiles_model
 from pretrain.float8 import float8_tp_styles
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def tp_plan_root(loss_parallel: bool) -> dict:
     }
 
 
-def parallelize_decoder(model: nn.Module, dims: "ParallelDims", job: "JobConfig", block_plan: BlockPlan) -> nn.Module:
+def parallelize_decoder(model: nn.Module, dims: ParallelDims, job: JobConfig, block_plan: BlockPlan) -> nn.Module:
     """Apply the job's parallelism to a decoder (or one pipeline stage of it) in place; returns it."""
     blocks = list(model.layers.values())
     if dims.tp_enabled:

@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import copy
 import inspect
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from pretrain.config import ConfigError
-from pretrain.distributed.layout_checks import V_SCHEDULES, pipeline_layers_per_stage, pipeline_stage_count
+from pretrain.config.layout import V_SCHEDULES, pipeline_layers_per_stage, pipeline_stage_count
+from pretrain.errors import ConfigError
 from pretrain.log import logger
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ def split_model(model: nn.Module, fqns: list[str]) -> nn.Module:
     return part
 
 
-def job_fqns_per_stage(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> list[list[str]]:
+def job_fqns_per_stage(model: nn.Module, dims: ParallelDims, job: JobConfig) -> list[list[str]]:
     """The stages of the whole pipeline for this job: explicit FQN lists, or split by layers."""
     p = job.parallelism
     if p.module_fqns_per_model_part is not None:
@@ -121,7 +122,7 @@ def job_fqns_per_stage(model: nn.Module, dims: "ParallelDims", job: "JobConfig")
     )
 
 
-def _stage_ids(dims: "ParallelDims", job: "JobConfig", pp_rank: int | None) -> list[int]:
+def _stage_ids(dims: ParallelDims, job: JobConfig, pp_rank: int | None) -> list[int]:
     if pp_rank is None:
         pp_rank = dims.mesh("pp").get_local_rank()
     v_shape = job.parallelism.pipeline_parallel_schedule in V_SCHEDULES
@@ -129,7 +130,7 @@ def _stage_ids(dims: "ParallelDims", job: "JobConfig", pp_rank: int | None) -> l
 
 
 def split_for_rank(
-    model: nn.Module, dims: "ParallelDims", job: "JobConfig", pp_rank: int | None = None
+    model: nn.Module, dims: ParallelDims, job: JobConfig, pp_rank: int | None = None
 ) -> list[nn.Module]:
     """The model parts (stage modules) of one pp rank (default: this process's), in stage order.
     `model` is left whole; on CPU split it after init so every layout starts from the same weights."""
@@ -171,7 +172,7 @@ class Pipeline:
     (forward, loss on the last stage, backward), split into micro-batches by the schedule."""
 
     def __init__(
-        self, parts: list[nn.Module], dims: "ParallelDims", job: "JobConfig", device: torch.device, loss_fn: "LossFn",
+        self, parts: list[nn.Module], dims: ParallelDims, job: JobConfig, device: torch.device, loss_fn: LossFn,
         after_metadata_pass: Callable[[], None] = lambda: None,
     ):
         from torch.distributed.pipelining import PipelineStage

@@ -8,7 +8,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pretrain.config import ClusterConfig, ConfigError
+from pretrain.config import ClusterConfig
+from pretrain.errors import ConfigError
 
 
 def pick_device(cluster: ClusterConfig) -> torch.device:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from pretrain.slurm.points import Point
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from pretrain.config import ConfigError, JobConfig, resolve
+from pretrain.config import JobConfig, resolve
+from pretrain.errors import ConfigError
 
 # A sweep point's directory name is its overrides; past this many bytes it is cut and a hash added
 # (file systems refuse names over 255 bytes).

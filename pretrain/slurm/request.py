@@ -12,7 +12,8 @@ import shutil
 import subprocess
 from typing import Any
 
-from pretrain.config import ClusterConfig, ConfigError
+from pretrain.config import ClusterConfig
+from pretrain.errors import ConfigError
 
 # Each task sees all GPUs of its node (cuda:LOCAL_RANK picks one); a task that dies ends the step,
 # so the other ranks do not wait in a collective until their timeout.

@@ -15,7 +15,8 @@ import os
 import pickle
 import shutil
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def take_snapshot(dest_dir: str) -> str:

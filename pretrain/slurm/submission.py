@@ -19,10 +19,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 from pretrain.slurm.manifest import MANIFEST_FILE, write_manifest
 from pretrain.slurm.points import Point, label_points
 from pretrain.slurm.request import check_request, submitit_parameters

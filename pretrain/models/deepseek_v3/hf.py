@@ -11,7 +11,7 @@ Names (ours -> HF), beyond Llama's (embedding, norms, output, attention.wq / wo,
     layers.N.moe.experts.w2           (X, D, H) model.layers.N.mlp.experts.{0..X-1}.down_proj.weight, (D, H) each
     layers.N.moe.shared_experts.w1 / w3 / w2    model.layers.N.mlp.shared_experts.gate_proj / up_proj / down_proj.weight
                                       (1, S, D) / (1, D, S) ours, (S, D) / (D, S) theirs; S = n_shared x H
-The stacked routed experts map to the hub's per-expert tensors as pretrain/models/hf_moe.py describes.
+The stacked routed experts map to the hub's per-expert tensors as pretrain/models/common/hf_moe.py describes.
 
 No row permutation: both models rotate adjacent pairs of the rope dimensions (config.json says
 rope_interleave=true; transformers' DeepseekV2 always does).
@@ -25,13 +25,14 @@ Everything here works on full (unsharded) tensors; callers gather or shard aroun
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.model_config import ffn_hidden_dim, is_moe_layer
-from pretrain.models.hf_moe import MoEStateDictAdapter, hf_layer, layer_key
-from pretrain.models.llama3 import hf as llama_hf
+from pretrain.config.model import ffn_hidden_dim, is_moe_layer
+from pretrain.models.common import hf as llama_hf
+from pretrain.models.common.hf_moe import MoEStateDictAdapter, hf_layer, layer_key
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
@@ -52,28 +53,28 @@ FP8_FIX = ("Fix: convert the folder to bf16 first (DeepSeek's inference/fp8_cast
            "repository dequantizes it), or use a bf16 copy of the checkpoint.")
 
 
-def is_v2(cfg: "ModelConfig") -> bool:
+def is_v2(cfg: ModelConfig) -> bool:
     """Softmax routing: transformers' DeepseekV2 is the equivalent (DeepseekV3 always routes by sigmoid)."""
     return cfg.moe.n_routed_experts > 0 and cfg.moe.score_func == "softmax"
 
 
 # ----------------------------------------------------------------------------- names and tensors
-def _is_mtp(hf_key: str, cfg: "ModelConfig") -> bool:
+def _is_mtp(hf_key: str, cfg: ModelConfig) -> bool:
     """A tensor of the multi-token-prediction module the hub stores as layer num_hidden_layers and after."""
     layer = hf_layer(hf_key)
     return layer is not None and layer >= cfg.n_layers
 
 
-def _not_ours(hf_key: str, cfg: "ModelConfig") -> bool:
+def _not_ours(hf_key: str, cfg: ModelConfig) -> bool:
     """What a whole-folder import skips: the MTP layers and rotary buffers."""
     return _is_mtp(hf_key, cfg) or hf_key.endswith("rotary_emb.inv_freq")
 
 
-def _shared_to_hf(key: str, value: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+def _shared_to_hf(key: str, value: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return value[0] if layer_key(key)[1] in _SHARED else value  # one shared SwiGLU of n_shared x H units
 
 
-def _shared_from_hf(key: str, value: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+def _shared_from_hf(key: str, value: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return value.unsqueeze(0) if layer_key(key)[1] in _SHARED else value
 
 
@@ -101,7 +102,7 @@ def _refuse_float8(hf_state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def from_hf(
-    hf_state_dict: dict[str, torch.Tensor], cfg: "ModelConfig", keys: Iterable[str] | None = None
+    hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig, keys: Iterable[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """HF tensors -> our state dict. `keys`: the names wanted (a pipeline stage's); default: the whole model
     (MTP layers skipped; zero expert biases under softmax routing). KeyError names the first HF tensor
@@ -111,7 +112,7 @@ def from_hf(
 
 
 # ----------------------------------------------------------------------------- config.json
-def unsupported(cfg: "ModelConfig") -> list[str]:
+def unsupported(cfg: ModelConfig) -> list[str]:
     """Settings of ours that transformers' DeepseekV3 / DeepseekV2 cannot express, as "model.<key>" lines."""
     e, problems = cfg.moe, []
     if e.n_routed_experts and not e.n_shared_experts:
@@ -125,7 +126,7 @@ def unsupported(cfg: "ModelConfig") -> list[str]:
     return problems
 
 
-def _rope(cfg: "ModelConfig") -> dict | None:
+def _rope(cfg: ModelConfig) -> dict | None:
     if not cfg.rope_scaling:
         return None
     return {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_scaling_factor,
@@ -135,7 +136,7 @@ def _rope(cfg: "ModelConfig") -> dict | None:
             "mscale": cfg.rope_yarn_mscale, "mscale_all_dim": cfg.rope_yarn_mscale}
 
 
-def hf_config(cfg: "ModelConfig", dtype: str = "bfloat16", max_position_embeddings: int | None = None) -> dict:
+def hf_config(cfg: ModelConfig, dtype: str = "bfloat16", max_position_embeddings: int | None = None) -> dict:
     """config.json of the equivalent DeepseekV3ForCausalLM, or DeepseekV2ForCausalLM under softmax routing
     (the keys of the hub's files; transformers 5 reads them). ValueError when the model has a setting
     transformers cannot express."""
@@ -199,7 +200,7 @@ def _hf_rope(hf: dict) -> dict:
     return rope
 
 
-def config_mismatches(hf: dict, cfg: "ModelConfig") -> list[str]:
+def config_mismatches(hf: dict, cfg: ModelConfig) -> list[str]:
     """How an HF config.json disagrees with our model config, as "<ours> gives <hf key>=<value> but
     config.json has <hf key>=<theirs>" lines; [] when they describe the same network."""
     problems = unsupported(cfg)
@@ -232,7 +233,7 @@ def config_mismatches(hf: dict, cfg: "ModelConfig") -> list[str]:
     return problems + _rope_mismatches(_hf_rope(hf), cfg)
 
 
-def _rope_mismatches(rope: dict, cfg: "ModelConfig") -> list[str]:
+def _rope_mismatches(rope: dict, cfg: ModelConfig) -> list[str]:
     problems = []
     if rope["rope_theta"] is not None and abs(float(rope["rope_theta"]) - cfg.rope_theta) > 1e-6 * cfg.rope_theta:
         problems.append(f"model.rope_theta={cfg.rope_theta} but config.json has rope_theta={rope['rope_theta']}")

@@ -31,8 +31,12 @@ import math
 import torch
 from torch import nn
 
-from pretrain.config import ModelConfig
-from pretrain.models.llama3 import model as llama
+from pretrain.config.model import ModelConfig
+from pretrain.models.common.attention import causal_attention
+from pretrain.models.common.decoder import Transformer as Decoder
+from pretrain.models.common.decoder import TransformerBlock
+from pretrain.models.common.flops import decoder_flops
+from pretrain.models.common.rope import apply_rotary_emb
 
 # q_norm and kv_norm use DeepSeek's fixed epsilon (its reference code and transformers do), not model.norm_eps
 LATENT_NORM_EPS = 1e-6
@@ -92,7 +96,7 @@ class MLAttention(nn.Module):
             raise ValueError("model.mla.kv_lora_rank=0: DeepSeek-V3 attention needs the latent width. "
                              "Fix: set it (the published sizes use 512).")
         # the attention kernel; context parallelism swaps in one that sees the whole sequence
-        self.attention_op = llama.causal_attention
+        self.attention_op = causal_attention
         self.nope_dim, self.rope_dim, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
         self.kv_lora_rank, self.q_lora_rank = a.kv_lora_rank, a.q_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
@@ -124,7 +128,7 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.unflatten(-1, (-1, self.nope_dim + self.rope_dim)).split(
             [self.nope_dim, self.rope_dim], dim=-1)  # (B, T, H, N), (B, T, H, R)
         kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, T, L), (B, T, R)
-        q_rope, k_rope = llama.apply_rotary_emb(q_rope, k_rope.unsqueeze(2), freqs_cis)  # k_rope (B, T, 1, R)
+        q_rope, k_rope = apply_rotary_emb(q_rope, k_rope.unsqueeze(2), freqs_cis)  # k_rope (B, T, 1, R)
         k_nope, v = self.wkv_b(self.kv_norm(kv)).unflatten(-1, (-1, self.nope_dim + self.v_dim)).split(
             [self.nope_dim, self.v_dim], dim=-1)  # (B, T, H, N), (B, T, H, V)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, N + R)
@@ -136,13 +140,19 @@ class MLAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------- model
-class Transformer(llama.Transformer):
+class Transformer(Decoder):
     """tokens (B, T) -> logits (B, T, V): Llama's model (ModuleDict-of-blocks contract for pipeline stages,
     init) with MLA in every block, a dense SwiGLU in the first moe.n_dense_layers blocks and the routed
     experts after. `freqs_cis` (T, R/2) covers the rope dimensions."""
 
     def build_block(self, layer_id: int, cfg: ModelConfig) -> nn.Module:
-        return llama.TransformerBlock(layer_id, cfg, MLAttention(cfg))
+        return TransformerBlock(layer_id, cfg, MLAttention(cfg))
 
     def build_freqs_cis(self, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
         return precompute_freqs_cis(self.cfg, seq_len, device)
+
+
+def params_and_flops(model: nn.Module, cfg: ModelConfig, seq_len: int) -> tuple[int, float]:
+    """MoE layers count their top-k routed experts only; attention scores use N + R wide q/k, values V."""
+    a = cfg.mla
+    return decoder_flops(model, cfg, seq_len, qk_head_dim=a.qk_nope_head_dim + a.qk_rope_head_dim, v_head_dim=a.v_head_dim)

@@ -1,6 +1,6 @@
 """How DeepSeek-V3 is parallelized: the tensor-parallel plan of multi-head latent attention (and of the
 dense SwiGLU blocks, Llama's). The order (TP, MoE parallelism, CP, AC, compile, FSDP) and the MoE layers'
-tensor and expert parallelism are shared by every decoder family (pretrain/distributed/parallelize.py).
+tensor and expert parallelism are shared by every decoder family (pretrain/distributed/parallelize.py, which applies the plan below).
 
 MLA under TP: the up-projections that make heads (wq or wq_b, wkv_b) are column-parallel and wo is
 row-parallel, so each rank holds H / tp whole heads. The low-rank down-projections (wq_a, wkv_a) and the
@@ -25,14 +25,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ParallelStyle, SequenceParallel
 
-from pretrain.distributed.parallelize import parallelize_decoder
-from pretrain.models.llama3.parallelize import tp_plan_ffn
+from pretrain.models.common.tp_plan import tp_plan_ffn
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-    from pretrain.config import JobConfig
-    from pretrain.distributed.parallel_dims import ParallelDims
 
 
 class ReplicateOnTP(ParallelStyle):
@@ -46,11 +42,11 @@ class ReplicateOnTP(ParallelStyle):
         self.sum_grad_of_last = sum_grad_of_last
 
     @staticmethod
-    def _input(module: nn.Module, inputs: tuple, mesh: "DeviceMesh") -> tuple:
+    def _input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
         return tuple(x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
                      for x in inputs)
 
-    def _output(self, module: nn.Module, out: DTensor, mesh: "DeviceMesh") -> torch.Tensor:
+    def _output(self, module: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
         n = self.sum_grad_of_last
         if not n:
             return out.to_local()
@@ -59,7 +55,7 @@ class ReplicateOnTP(ParallelStyle):
         tail = DTensor.from_local(tail, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
         return torch.cat([whole, tail], dim=-1)
 
-    def _apply(self, module: nn.Module, device_mesh: "DeviceMesh") -> nn.Module:
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         return distribute_module(module, device_mesh, input_fn=self._input, output_fn=self._output)
 
 
@@ -87,7 +83,3 @@ def tp_plan_block(block: nn.Module, colwise: type, rowwise: type, prepare_input:
     """Attention as above; the feed-forward as in every family (Llama's SwiGLU plan in a dense block)."""
     return {**tp_plan_attention(block, colwise, rowwise, prepare_input),
             **tp_plan_ffn(block, colwise, rowwise, prepare_input)}
-
-
-def parallelize_deepseek_v3(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> nn.Module:
-    return parallelize_decoder(model, dims, job, tp_plan_block)

@@ -1,18 +1,12 @@
-"""Llama 3 / 3.1: model, parallelism plan, FLOPs and HF adapter, registered as the family "llama3"."""
+"""Llama 3 / 3.1, registered as the family "llama3". Importing this package imports no torch."""
 
-from pretrain.models.spec import ModelSpec
+from pretrain.models.common.spec import ModelSpec
 
-
-def build_spec() -> ModelSpec:
-    from pretrain.models.llama3 import hf
-    from pretrain.models.llama3.model import Transformer
-    from pretrain.models.llama3.parallelize import parallelize_llama
-    from pretrain.models.spec import dense_transformer_flops
-
-    return ModelSpec(
-        name="llama3",
-        build_model=Transformer,
-        parallelize=parallelize_llama,
-        params_and_flops=lambda model, cfg, seq_len: dense_transformer_flops(model, model.tok_embeddings, cfg, seq_len),
-        hf_adapter=hf,
-    )
+SPEC = ModelSpec(
+    name="llama3",
+    model="pretrain.models.llama3.model:Transformer",
+    tp_plan="pretrain.models.llama3.parallelize:tp_plan_block",
+    flops="pretrain.models.common.flops:decoder_flops",
+    hf="pretrain.models.llama3.hf",
+    features=frozenset({"rope_llama3"}),
+)

@@ -1,58 +1,6 @@
-"""How Llama 3 is parallelized: its block's tensor-parallel plan, whose attention, SwiGLU and
-feed-forward parts the other families reuse. The order (TP, CP, AC, compile, FSDP) and the machinery are
-shared by every decoder family (pretrain/distributed/parallelize.py)."""
+"""Llama 3's tensor-parallel plan: attention heads and the SwiGLU hidden units split over the TP ranks.
+pretrain/distributed/parallelize.py applies it, with the rest of the layout."""
 
-from __future__ import annotations
+from pretrain.models.common.tp_plan import tp_plan_block
 
-from typing import TYPE_CHECKING
-
-from torch import nn
-from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import SequenceParallel
-
-from pretrain.distributed.parallelize import parallelize_decoder
-
-if TYPE_CHECKING:
-    from pretrain.config import JobConfig
-    from pretrain.distributed.parallel_dims import ParallelDims
-
-
-def tp_plan_attention(colwise: type, rowwise: type, prepare_input: type) -> dict:
-    """Attention heads split over TP ranks, its norm sequence-parallel. The styles are torch's, or
-    torchao's float8 ones (which cast to float8 before the collectives)."""
-    return {
-        "attention_norm": SequenceParallel(),
-        "attention": prepare_input(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-        "attention.wq": colwise(),
-        "attention.wk": colwise(),
-        "attention.wv": colwise(),
-        "attention.wo": rowwise(output_layouts=Shard(1)),
-    }
-
-
-def tp_plan_feed_forward(colwise: type, rowwise: type, prepare_input: type) -> dict:
-    """SwiGLU hidden units split over TP ranks, its norm sequence-parallel."""
-    return {
-        "ffn_norm": SequenceParallel(),
-        "feed_forward": prepare_input(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "feed_forward.w1": colwise(),
-        "feed_forward.w2": rowwise(output_layouts=Shard(1)),
-        "feed_forward.w3": colwise(),
-    }
-
-
-def tp_plan_ffn(block: nn.Module, colwise: type, rowwise: type, prepare_input: type) -> dict:
-    """The feed-forward half of any family's block: a dense block splits its SwiGLU hidden units; a MoE
-    block keeps only its sequence-parallel ffn_norm here (pretrain/distributed/parallelize.py shards the
-    experts)."""
-    if getattr(block, "moe", None) is not None:
-        return {"ffn_norm": SequenceParallel()}
-    return tp_plan_feed_forward(colwise, rowwise, prepare_input)
-
-
-def tp_plan_block(block: nn.Module, colwise: type, rowwise: type, prepare_input: type) -> dict:
-    return {**tp_plan_attention(colwise, rowwise, prepare_input), **tp_plan_ffn(block, colwise, rowwise, prepare_input)}
-
-
-def parallelize_llama(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> nn.Module:
-    return parallelize_decoder(model, dims, job, tp_plan_block)
+__all__ = ["tp_plan_block"]

@@ -1,7 +1,7 @@
 """Qwen3 <-> Hugging Face `Qwen3ForCausalLM` (dense) and `Qwen3MoeForCausalLM` (MoE): parameter names,
 the RoPE row order, the expert layout, config.json.
 
-Names (ours -> HF), beyond Llama's (pretrain/models/llama3/hf.py) and the experts' (pretrain/models/hf_moe.py):
+Names (ours -> HF), beyond Llama's (pretrain/models/common/hf.py) and the experts' (pretrain/models/common/hf_moe.py):
     layers.N.attention.{q,k}_norm.weight  (E,)      model.layers.N.self_attn.{q,k}_norm.weight
     layers.N.moe.router.gate.weight       (X, D)    model.layers.N.mlp.gate.weight
     layers.N.moe.expert_bias              (X,)      none: Qwen3 routes without a bias (zero on import; export refuses
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.model_config import head_dim, is_moe_layer
-from pretrain.models.hf_moe import MoEStateDictAdapter
-from pretrain.models.llama3 import hf as llama_hf
+from pretrain.config.model import head_dim, is_moe_layer
+from pretrain.models.common import hf as llama_hf
+from pretrain.models.common.hf_moe import MoEStateDictAdapter
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
@@ -40,7 +40,7 @@ _K_ROWS = ("attention.wk.weight", "self_attn.k_proj.weight")
 _QK_NORMS = ("attention.q_norm.weight", "attention.k_norm.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight")
 
 
-def _reorder(key: str, value: torch.Tensor, cfg: "ModelConfig", to_hf: bool) -> torch.Tensor:
+def _reorder(key: str, value: torch.Tensor, cfg: ModelConfig, to_hf: bool) -> torch.Tensor:
     """wq/wk rows, and the q/k norm weights, between our adjacent pairs and HF's halves within each head."""
     permute = llama_hf.interleaved_to_half if to_hf else llama_hf.half_to_interleaved
     E = head_dim(cfg)
@@ -71,11 +71,11 @@ from_hf = _ADAPTER.from_hf
 
 
 # ----------------------------------------------------------------------------- config.json
-def _is_moe(cfg: "ModelConfig") -> bool:
+def _is_moe(cfg: ModelConfig) -> bool:
     return cfg.moe.n_routed_experts > 0
 
 
-def unsupported(cfg: "ModelConfig") -> list[str]:
+def unsupported(cfg: ModelConfig) -> list[str]:
     """Settings of ours that transformers' Qwen3 models cannot express, as "model.<key>=..." lines."""
     problems = []
     if cfg.rope_scaling:
@@ -91,7 +91,7 @@ def unsupported(cfg: "ModelConfig") -> list[str]:
     return problems
 
 
-def hf_config(cfg: "ModelConfig", dtype: str = "bfloat16", max_position_embeddings: int | None = None) -> dict:
+def hf_config(cfg: ModelConfig, dtype: str = "bfloat16", max_position_embeddings: int | None = None) -> dict:
     """config.json of the equivalent Qwen3ForCausalLM, or Qwen3MoeForCausalLM when model.moe has experts
     (the keys the hub's files use; transformers 4.51+ and 5.x read them). ValueError when the model
     has a setting Qwen3 cannot express."""
@@ -144,7 +144,7 @@ def _hf_value(hf: dict, key: str):
     return defaults.get(key) if value is None else value
 
 
-def config_mismatches(hf: dict, cfg: "ModelConfig") -> list[str]:
+def config_mismatches(hf: dict, cfg: ModelConfig) -> list[str]:
     """How an HF config.json disagrees with our model config, as "model.<key> gives <hf key>=<ours> but
     config.json has <hf key>=<theirs>" lines; [] when they describe the same network. Reads the keys of
     transformers 4 (rope_theta, num_experts) and 5 (rope_parameters, num_local_experts)."""

@@ -18,11 +18,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pretrain.config import ModelConfig
-from pretrain.models.llama3 import model as llama
+from pretrain.config.model import ModelConfig
+from pretrain.models.common import attention
+from pretrain.models.common.decoder import Transformer as Decoder
+from pretrain.models.common.decoder import TransformerBlock
+from pretrain.models.common.rope import apply_rotary_emb
 
 
-class Attention(llama.Attention):
+class Attention(attention.Attention):
     """Grouped-query attention with per-head RMSNorm on q and k (before RoPE); no biases."""
 
     def __init__(self, cfg: ModelConfig):
@@ -41,7 +44,7 @@ class Attention(llama.Attention):
         q = self.q_norm(self.wq(x).unflatten(-1, (-1, E)))  # (B, T, H, E), normalised per head
         k = self.k_norm(self.wk(x).unflatten(-1, (-1, E)))  # (B, T, K, E)
         v = self.wv(x).unflatten(-1, (-1, E))  # (B, T, K, E)
-        q, k = llama.apply_rotary_emb(q, k, freqs_cis)
+        q, k = apply_rotary_emb(q, k, freqs_cis)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, E)
         group = q.shape[1] // k.shape[1]
         if group > 1:  # each kv head serves `group` query heads
@@ -50,9 +53,9 @@ class Attention(llama.Attention):
         return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, D)
 
 
-class Transformer(llama.Transformer):
-    """tokens (B, T) -> logits (B, T, V): Llama's model (ModuleDict-of-blocks contract for pipeline stages,
+class Transformer(Decoder):
+    """tokens (B, T) -> logits (B, T, V): the common decoder (ModuleDict-of-blocks contract for pipeline stages,
     init, tied output head in the 0.6B to 4B sizes) with Qwen3's attention in every block."""
 
     def build_block(self, layer_id: int, cfg: ModelConfig) -> nn.Module:
-        return llama.TransformerBlock(layer_id, cfg, Attention(cfg))
+        return TransformerBlock(layer_id, cfg, Attention(cfg))

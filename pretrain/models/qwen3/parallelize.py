@@ -13,17 +13,10 @@ goes back to a local tensor of this rank's heads for RoPE and attention.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 from torch.distributed.tensor.parallel import SequenceParallel
 
-from pretrain.distributed.parallelize import parallelize_decoder
-from pretrain.models.llama3.parallelize import tp_plan_attention, tp_plan_ffn
-
-if TYPE_CHECKING:
-    from pretrain.config import JobConfig
-    from pretrain.distributed.parallel_dims import ParallelDims
+from pretrain.models.common.tp_plan import tp_plan_attention, tp_plan_ffn
 
 HEAD_DIM = 2  # q and k enter their norms as (B, T, heads, E)
 
@@ -40,7 +33,3 @@ def tp_plan_block(block: nn.Module, colwise: type, rowwise: type, prepare_input:
     """Attention heads (and their norms) split over TP ranks; the feed-forward as in every family."""
     return {**tp_plan_attention(colwise, rowwise, prepare_input), **tp_plan_qk_norm(),
             **tp_plan_ffn(block, colwise, rowwise, prepare_input)}
-
-
-def parallelize_qwen3(model: nn.Module, dims: "ParallelDims", job: "JobConfig") -> nn.Module:
-    return parallelize_decoder(model, dims, job, tp_plan_block)

@@ -4,8 +4,8 @@ launcher, with `launch` replaced by pretrain's (validate every point first, reso
 
 # (no `from __future__ import annotations`: Hydra runs this module outside sys.modules, where a
 # dataclass with string annotations cannot be built)
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn
@@ -24,7 +24,9 @@ ConfigStore.instance().store(
 
 class PretrainSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from pretrain.slurm.hydra_launcher import launch_points  # imported when used: Hydra scans this module at every start
+        from pretrain.slurm.hydra_launcher import (
+            launch_points,  # imported when used: Hydra scans this module at every start
+        )
 
         assert self.config is not None and self.hydra_context is not None
         return launch_points(self.hydra_context.config_loader, self.config, job_overrides)

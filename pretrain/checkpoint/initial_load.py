@@ -6,44 +6,37 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
 
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-from pretrain.checkpoint import TRAIN_STATE, TrainState, complete_steps, drop_name_at
-from pretrain.config import ConfigError
+from pretrain.checkpoint import hf_io
+from pretrain.checkpoint.safe_reader import SafeFileSystemReader
+from pretrain.checkpoint.state import TRAIN_STATE, LiveState, TrainState, complete_steps
+from pretrain.config import CheckpointConfig
+from pretrain.errors import ConfigError
 from pretrain.log import logger
-from pretrain.safe_reader import SafeFileSystemReader
-
-if TYPE_CHECKING:
-    from pretrain.checkpoint import CheckpointManager
+from pretrain.models import get_model_spec
 
 
-def initial_load(manager: "CheckpointManager") -> TrainState:
+def initial_load(cfg: CheckpointConfig, live: LiveState) -> TrainState:
     """A fresh start from checkpoint.initial_load_path: an HF folder (initial_load_in_hf), or a DCP step
     folder: its model weights (initial_load_model_only), or everything in it, as a resume would."""
-    path = os.path.expanduser(manager.cfg.initial_load_path)
+    path = os.path.expanduser(cfg.initial_load_path)
     if not path:
         return TrainState()
-    key = f"checkpoint.initial_load_path={manager.cfg.initial_load_path!r}"
+    key = f"checkpoint.initial_load_path={cfg.initial_load_path!r}"
     if not os.path.isdir(path):
         raise ConfigError(
             f"{key} is not a directory. Fix: point it at a checkpoint step folder (<run_dir>/checkpoint/step-N) "
             "or, with checkpoint.initial_load_in_hf=true, at a Hugging Face model folder; or set it to ''."
         )
     is_dcp = os.path.isfile(os.path.join(path, ".metadata"))
-    from pretrain import hf_io
-
-    if manager.cfg.initial_load_in_hf:
+    if cfg.initial_load_in_hf:
         if not hf_io.is_hf_dir(path):
             hint = " It is a DCP checkpoint: set checkpoint.initial_load_in_hf=false." if is_dcp else ""
             raise ConfigError(
                 f"{key} with checkpoint.initial_load_in_hf=true holds no config.json with "
                 f"{hf_io.INDEX} or {hf_io.SINGLE_FILE}.{hint} Fix: point it at a Hugging Face model folder."
             )
-        _load_hf(manager, path, key)
+        _load_hf(live, path, key)
         return TrainState()
     if not is_dcp:
         hint = ""
@@ -60,15 +53,8 @@ def initial_load(manager: "CheckpointManager") -> TrainState:
             f"{key} is unreadable ({type(e).__name__}: {e}). Fix: point it at a complete step folder."
         ) from None
     fix = (f"Fix: use the model config it was saved with (its run's config.yaml), or another {key.split('=')[0]}.")
-    if manager.cfg.initial_load_model_only:
-        own_model, model_sd = manager._model_state_dict()
-        state_dict = {"model": model_sd}
-        try:
-            dcp.load(state_dict, storage_reader=SafeFileSystemReader(path))
-        except (Exception, CheckpointException) as e:
-            raise ConfigError(f"{key}: its model does not match this one: {e}. {fix}") from None
-        loaded = {k: state_dict["model"][drop_name_at(k, 0)] for k in own_model}
-        set_model_state_dict(manager.parts, loaded, options=StateDictOptions(strict=True))
+    if cfg.initial_load_model_only:
+        live.load_model(path, key, fix)
         logger.info(f"checkpoint: initial model weights from {path}")
         return TrainState()
     meta_path = os.path.join(path, TRAIN_STATE)
@@ -84,13 +70,10 @@ def initial_load(manager: "CheckpointManager") -> TrainState:
             f"{key} holds model weights only, but checkpoint.initial_load_model_only=false asks for the optimizer "
             "and training state too. Fix: checkpoint.initial_load_model_only=true."
         )
-    return manager._restore(path, meta, set(manager.cfg.exclude_from_loading), key, fix)
+    return live.restore(path, meta, set(cfg.exclude_from_loading), key, fix)
 
-def _load_hf(manager: "CheckpointManager", path: str, key: str) -> None:
-    from pretrain import hf_io
-    from pretrain.models import get_model_spec
-
-    model_cfg = manager.parts[0].cfg  # the model's own config (every family's model keeps it)
+def _load_hf(live: LiveState, path: str, key: str) -> None:
+    model_cfg = live.parts[0].cfg  # the model's own config (every family's model keeps it)
     spec = get_model_spec(model_cfg.name)
     if spec.hf_adapter is None:
         raise ConfigError(f"{key}: model family {spec.name!r} has no Hugging Face adapter. Fix: convert it to DCP.")
@@ -101,7 +84,7 @@ def _load_hf(manager: "CheckpointManager", path: str, key: str) -> None:
             "match its config.json (or pick the model option it was made from)."
         )
     try:
-        hf_io.load_hf_into(list(manager.parts), path, spec, model_cfg)
+        hf_io.load_hf_into(list(live.parts), path, spec, model_cfg)
     except (KeyError, ValueError) as e:
         raise ConfigError(f"{key}: {e}. Fix: check that the folder holds this model's weights.") from None
     logger.info(f"checkpoint: initial model weights from the Hugging Face folder {path}")

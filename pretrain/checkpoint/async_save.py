@@ -6,14 +6,15 @@ of old steps) in that same background thread."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 
 class AsyncSaver:

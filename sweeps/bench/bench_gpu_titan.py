@@ -1,4 +1,4 @@
-"""The torchtitan 0.3.0 half of sweeps/bench_gpu.py: the same points through torchtitan on the same GPU,
+"""The torchtitan 0.3.0 half of sweeps/bench/bench_gpu.py: the same points through torchtitan on the same GPU,
 parsed from its log, for the side-by-side table."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from gpu_points import POINTS, TITAN_FLOAT8_RECIPES, Point
 # is the length of model_spec.model.layers, so the module below cuts that list.
 
 TITAN_MODULE = '''\
-"""torchtitan configs written by sweeps/bench_gpu.py: Llama 3 8B dims cut to {layers} blocks, seq {seq_len},
+"""torchtitan configs written by sweeps/bench/bench_gpu.py: Llama 3 8B dims cut to {layers} blocks, seq {seq_len},
 local batch {batch}, {steps} steps, the embedded corpus of pretrain through torchtitan's c4_test loader."""
 
 from torchtitan.components.metrics import MetricsProcessor
@@ -115,7 +115,7 @@ def titan_notes(args) -> list[str]:
 
 def titan_available() -> tuple[bool, str]:
     if importlib.util.find_spec("torchtitan") is None:
-        return False, "torchtitan is not installed (sweeps/gpu_wheels.sh carries 0.3.0 and its deps)"
+        return False, "torchtitan is not installed (sweeps/bench/gpu_wheels.sh carries 0.3.0 and its deps)"
     proc = subprocess.run([sys.executable, "-c", "import torchtitan, torchtitan.train; print(torchtitan.__version__)"],
                           capture_output=True, text=True)
     if proc.returncode:

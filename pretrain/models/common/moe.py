@@ -40,7 +40,7 @@ class MoEArgs:
     aux_loss_coeff: float = 0.0  # auxiliary balance loss weight; 0 = off
 
     @classmethod
-    def from_config(cls, cfg) -> "MoEArgs":
+    def from_config(cls, cfg) -> MoEArgs:
         """From a ModelConfig's `moe` section."""
         e = cfg.moe
         return cls(

@@ -7,8 +7,15 @@ No torch import: a bad value fails before any process starts.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+from pretrain.errors import ConfigError, check_choice, check_positive
+
+FAMILIES_PACKAGE = "pretrain.models"  # a family "x" is the package pretrain.models.x, whose SPEC describes it
 
 
 @dataclass
@@ -38,7 +45,7 @@ class MLAConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "llama3"  # model family, a key of pretrain.models.FAMILIES
+    name: str = "llama3"  # model family: a package of pretrain/models/ (llama3, qwen3, deepseek_v3)
     flavor: str = "debug"  # preset name within the family (informational; all dims are below)
     dim: int = 256  # hidden size D
     n_layers: int = 6  # transformer blocks
@@ -89,19 +96,17 @@ def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
 
 def validate_model(m: ModelConfig) -> None:
     """Rules of the model section; raises ConfigError naming the key and the fix."""
-    from pretrain.config import ConfigError, _choice, _positive
-
     for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta"):
-        _positive(f"model.{key}", getattr(m, key))
+        check_positive(f"model.{key}", getattr(m, key))
     for key in ("ffn_dim_multiplier", "head_dim", "ffn_hidden_dim"):
         if getattr(m, key) is not None:
-            _positive(f"model.{key}", getattr(m, key))
-    _choice("model.rope_scaling_type", m.rope_scaling_type, ("llama3", "yarn"))
+            check_positive(f"model.{key}", getattr(m, key))
+    check_choice("model.rope_scaling_type", m.rope_scaling_type, ("llama3", "yarn"))
     if m.rope_scaling:
         for key in ("rope_scaling_factor", "rope_original_max_seq_len"):
-            _positive(f"model.{key}", getattr(m, key))
+            check_positive(f"model.{key}", getattr(m, key))
         if m.rope_scaling_type == "llama3":
-            _positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
+            check_positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
             if not m.rope_high_freq_factor > m.rope_low_freq_factor:
                 raise ConfigError(
                     f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be greater than "
@@ -109,7 +114,7 @@ def validate_model(m: ModelConfig) -> None:
                 )
         else:
             for key in ("rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_mscale"):
-                _positive(f"model.{key}", getattr(m, key))
+                check_positive(f"model.{key}", getattr(m, key))
             if not m.rope_yarn_beta_fast > m.rope_yarn_beta_slow:
                 raise ConfigError(
                     f"model.rope_yarn_beta_fast={m.rope_yarn_beta_fast} must be greater than "
@@ -137,19 +142,49 @@ def validate_model(m: ModelConfig) -> None:
     _validate_family(m)
 
 
-def _validate_family(m: ModelConfig) -> None:
-    from pretrain.config import ConfigError
-    from pretrain.models import FAMILIES, FEATURES, REQUIRED, requested_features
+def family_names() -> list[str]:
+    """The model families this installation has (the packages of pretrain/models/ but `common`)."""
+    package = importlib.import_module(FAMILIES_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.ispkg and m.name != "common")
 
-    if m.name not in FAMILIES:
-        return  # config.validate names the unknown family
+
+def family_spec(name: str) -> Any:
+    """The ModelSpec of the family `name`, loaded by name as Hydra loads a `_target_`: config knows no family,
+    and a family package imports no torch. ConfigError for a name that is not a family."""
+    if re.fullmatch(r"[A-Za-z_]\w*", name):
+        module = f"{FAMILIES_PACKAGE}.{name}"
+        try:
+            return importlib.import_module(module).SPEC
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    raise ConfigError(f"model.name={name!r} is not one of {', '.join(family_names())}. Fix: set model.name to one of them.")
+
+
+def requested_features(m: ModelConfig) -> dict[str, str]:
+    """The features a model config asks for -> the key that asks (for the error message)."""
+    wanted = {}
+    if m.rope_scaling:
+        wanted[f"rope_{m.rope_scaling_type}"] = f"model.rope_scaling_type={m.rope_scaling_type}"
+    if m.qk_norm:
+        wanted["qk_norm"] = "model.qk_norm=true"
+    if m.moe.n_routed_experts:
+        wanted["moe"] = f"model.moe.n_routed_experts={m.moe.n_routed_experts}"
+    if m.mla.kv_lora_rank:
+        wanted["mla"] = f"model.mla.kv_lora_rank={m.mla.kv_lora_rank}"
+    return wanted
+
+
+def _validate_family(m: ModelConfig) -> None:
+    """What the config asks of the family against what its spec says it implements."""
+    spec = family_spec(m.name)
     wanted = requested_features(m)
-    for feature, what in REQUIRED.get(m.name, {}).items():
+    for feature, what in spec.required.items():
         if feature not in wanted:
             raise ConfigError(f"model.name={m.name} needs {what}. Fix: start from one of its presets (model={m.name}_...).")
     for feature, key in wanted.items():
-        if feature not in FEATURES[m.name]:
-            has = ", ".join(n for n in FEATURES if feature in FEATURES[n])
+        if feature not in spec.features:
+            has = ", ".join(n for n in family_names() if feature in family_spec(n).features)
             raise ConfigError(
                 f"{key}: the {m.name} family does not implement it (families that do: {has or 'none'}). "
                 f"Fix: use one of those families (model=...), or turn it off for model.name={m.name}."
@@ -157,16 +192,14 @@ def _validate_family(m: ModelConfig) -> None:
 
 
 def _validate_moe(m: ModelConfig) -> None:
-    from pretrain.config import ConfigError, _choice, _positive
-
     e = m.moe
     for key in ("n_routed_experts", "n_shared_experts", "n_dense_layers", "bias_update_speed", "aux_loss_coeff"):
-        _positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
+        check_positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
     if not e.n_routed_experts:
         return
     for key in ("top_k", "hidden_dim", "route_scale", "n_expert_groups", "n_limited_groups"):
-        _positive(f"model.moe.{key}", getattr(e, key))
-    _choice("model.moe.score_func", e.score_func, ("softmax", "sigmoid"))
+        check_positive(f"model.moe.{key}", getattr(e, key))
+    check_choice("model.moe.score_func", e.score_func, ("softmax", "sigmoid"))
     if e.n_dense_layers >= m.n_layers:
         raise ConfigError(
             f"model.moe.n_dense_layers={e.n_dense_layers} leaves no MoE layer of model.n_layers={m.n_layers}. "
@@ -192,14 +225,12 @@ def _validate_moe(m: ModelConfig) -> None:
 
 
 def _validate_mla(m: ModelConfig) -> None:
-    from pretrain.config import ConfigError, _positive
-
     a = m.mla
     for key in ("kv_lora_rank", "q_lora_rank"):
-        _positive(f"model.mla.{key}", getattr(a, key), allow_zero=True)
+        check_positive(f"model.mla.{key}", getattr(a, key), allow_zero=True)
     if not a.kv_lora_rank:
         return
     for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-        _positive(f"model.mla.{key}", getattr(a, key))
+        check_positive(f"model.mla.{key}", getattr(a, key))
     if a.qk_rope_head_dim % 2:
         raise ConfigError(f"model.mla.qk_rope_head_dim={a.qk_rope_head_dim} is odd; RoPE rotates pairs. Fix: make it even.")

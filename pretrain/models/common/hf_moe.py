@@ -1,5 +1,5 @@
 """The Hugging Face names and tensor layout the MoE decoder families share (Qwen3, DeepSeek-V3), on top of
-Llama's names (pretrain/models/llama3/hf.py). Ours -> HF:
+Llama's names (pretrain/models/common/hf.py). Ours -> HF:
 
     layers.N.<name>                    model.layers.N.<its HF name>, one tensor each: the family's table
     layers.N.moe.experts.w1  (X, H, D) model.layers.N.mlp.experts.{0..X-1}.gate_proj.weight, (H, D) each
@@ -21,11 +21,12 @@ Everything here works on full (unsharded) tensors; callers gather or shard aroun
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.models.llama3 import hf as llama_hf
+from pretrain.models.common import hf as llama_hf
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
@@ -63,11 +64,11 @@ def _as_llama(rename: Callable[[str], str], key: str, unknown: str) -> str:
         raise KeyError(unknown) from None
 
 
-def _as_is(key: str, value: torch.Tensor, cfg: "ModelConfig") -> torch.Tensor:
+def _as_is(key: str, value: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return value
 
 
-def _keeps_all(hf_key: str, cfg: "ModelConfig") -> bool:
+def _keeps_all(hf_key: str, cfg: ModelConfig) -> bool:
     return False
 
 
@@ -79,11 +80,11 @@ class MoEStateDictAdapter:
         self,
         family: str,
         layer_keys: dict[str, str],
-        bias_has_no_hf_tensor: Callable[["ModelConfig"], bool],
+        bias_has_no_hf_tensor: Callable[[ModelConfig], bool],
         no_bias_reason: str,
         to_hf_value: TensorHook = _as_is,
         from_hf_value: TensorHook = _as_is,
-        skips_hf_key: Callable[[str, "ModelConfig"], bool] = _keeps_all,
+        skips_hf_key: Callable[[str, ModelConfig], bool] = _keeps_all,
     ):
         self.family = family  # in error messages: "Qwen3", "DeepSeek-V3"
         self.layer_keys = layer_keys  # ours (after "layers.N.") -> HF (after "model.layers.N."), beyond Llama's
@@ -121,7 +122,7 @@ class MoEStateDictAdapter:
         layer, name = layer_key(key)
         return [f"model.layers.{layer}.mlp.experts.{e}.{EXPERT_KEYS[name]}.weight" for e in range(n_experts)]
 
-    def hf_keys_needed(self, keys: Iterable[str], cfg: "ModelConfig") -> dict[str, str | list[str]]:
+    def hf_keys_needed(self, keys: Iterable[str], cfg: ModelConfig) -> dict[str, str | list[str]]:
         """For our tensor names (e.g. one pipeline stage's), the HF tensor each is read from: a name, or for
         stacked expert weights the list of per-expert names. With tied embeddings the output projection
         is read from the embedding (HF files omit lm_head). An expert bias without an HF tensor is left
@@ -140,7 +141,7 @@ class MoEStateDictAdapter:
         return needed
 
     # ------------------------------------------------------------------------- tensors
-    def to_hf(self, state_dict: dict[str, torch.Tensor], cfg: "ModelConfig") -> dict[str, torch.Tensor]:
+    def to_hf(self, state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
         """Our full state dict -> HF tensors (same dtype): experts one by one (copies, so that each is its
         own storage in safetensors), lm_head left out when embeddings are tied. ValueError for a non-zero
         expert bias where the HF model has none."""
@@ -160,7 +161,7 @@ class MoEStateDictAdapter:
                 out[self.to_hf_key(key)] = self.to_hf_value(key, value, cfg)
         return out
 
-    def _keys_of(self, hf_state_dict: dict[str, torch.Tensor], cfg: "ModelConfig") -> list[str]:
+    def _keys_of(self, hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> list[str]:
         """Our names of everything an HF state dict holds (a whole model), expert biases without an HF
         tensor included."""
         keys = []
@@ -179,7 +180,7 @@ class MoEStateDictAdapter:
         return keys
 
     def from_hf(
-        self, hf_state_dict: dict[str, torch.Tensor], cfg: "ModelConfig", keys: Iterable[str] | None = None
+        self, hf_state_dict: dict[str, torch.Tensor], cfg: ModelConfig, keys: Iterable[str] | None = None
     ) -> dict[str, torch.Tensor]:
         """HF tensors -> our state dict. `keys`: the names wanted (a pipeline stage's); default: the whole
         model (zero expert biases where the HF model has none). KeyError names the first HF tensor that is

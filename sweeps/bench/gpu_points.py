@@ -1,4 +1,4 @@
-"""The points of the GPU benchmark (sweeps/bench_gpu.py), shared with its torchtitan half."""
+"""The points of the GPU benchmark (sweeps/bench/bench_gpu.py), shared with its torchtitan half."""
 
 from __future__ import annotations
 

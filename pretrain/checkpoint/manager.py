@@ -15,57 +15,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.api import CheckpointException
 
-from pretrain.checkpoint_async import AsyncSaver
-from pretrain.config import CheckpointConfig, ConfigError, TrainingHalted
+from pretrain.checkpoint.async_save import AsyncSaver
+from pretrain.checkpoint.initial_load import initial_load
+from pretrain.checkpoint.safe_reader import SafeFileSystemReader
+from pretrain.checkpoint.state import TRAIN_STATE, LiveState, TrainState, complete_steps
+from pretrain.config import CheckpointConfig
 from pretrain.distributed.fsdp import DTYPES
+from pretrain.errors import ConfigError, TrainingHalted
 from pretrain.log import logger
-from pretrain.safe_reader import SafeFileSystemReader
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-TRAIN_STATE = "train_state.json"
-# optimizer state as "state.<param name>.<key>": independent of how parameters are grouped or placed
-FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
-
-
-@dataclass
-class TrainState:
-    """What the loop needs besides weights to continue exactly where it stopped."""
-
-    step: int = 0
-    tokens_seen: int = 0  # tokens of the global batch, summed over steps
-    elapsed_s: float = 0.0  # training wall time over all previous attempts
-
-
-def complete_steps(folder: str) -> list[int]:
-    """Steps with a complete checkpoint in `folder`, oldest first."""
-    if not os.path.isdir(folder):
-        return []
-    steps = []
-    for name in os.listdir(folder):
-        match = STEP_DIR.match(name)
-        path = os.path.join(folder, name)
-        if match and os.path.isfile(os.path.join(path, TRAIN_STATE)) and os.path.isfile(os.path.join(path, ".metadata")):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
 
 
 class CheckpointManager:
@@ -83,9 +50,7 @@ class CheckpointManager:
     ):
         self.cfg = cfg
         self.folder = os.path.join(run_dir, cfg.folder)
-        # one module over this rank's parts: its names are "<part index>.<full model name>"
-        self.parts = nn.ModuleList(model_parts)
-        self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
+        self.live = LiveState(model_parts, optimizer, lr_scheduler, dataloader)
         self.is_rank0 = is_rank0
         self.async_saver = AsyncSaver(cfg.async_mode) if cfg.enable and cfg.async_mode != "disabled" else None
         self.pending, self.pending_step = None, 0  # the background save in flight
@@ -111,8 +76,8 @@ class CheckpointManager:
             meta = json.dumps({
                 "train_state": vars(state),
                 "model_only": model_only,
-                "lr_scheduler": None if model_only else self.lr_scheduler.state_dict(),
-                "dataloader": None if model_only else self.dataloader.state_dict(),
+                "lr_scheduler": None if model_only else self.live.lr_scheduler.state_dict(),
+                "dataloader": None if model_only else self.live.dataloader.state_dict(),
             })
             state_dict = self._state_dict(model_only, export=not seed)
             if self.async_saver is not None and not (last or seed or blocking):
@@ -195,21 +160,11 @@ class CheckpointManager:
         logger.error(f"{message} Training goes on and the next interval retries (checkpoint.on_save_error=continue).")
 
     def _state_dict(self, model_only: bool, export: bool = True) -> dict[str, Any]:
-        model_sd = self._model_state_dict()[1]
+        model_sd = self.live.model_state_dict()[1]
         if model_only:
             dtype = DTYPES[self.cfg.export_dtype] if export else None
             return {"model": {k: v.to(dtype) if dtype else v for k, v in model_sd.items()}}
-        return {"model": model_sd, "optimizer": self._optimizer_state_dict()[1]}
-
-    def _model_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(the parts' own state dict, the same values under the full model's names)."""
-        own = get_model_state_dict(self.parts)
-        return own, {drop_name_at(key, 0): value for key, value in own.items()}
-
-    def _optimizer_state_dict(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(the flattened optimizer state of the parts, the same under the full model's names)."""
-        own = get_optimizer_state_dict(self.parts, self.optimizer, options=FLAT)
-        return own, {drop_name_at(key, 1): value for key, value in own.items()}
+        return {"model": model_sd, "optimizer": self.live.optimizer_state_dict()[1]}
 
     def _purge(self) -> None:
         if self.cfg.keep_latest_k <= 0:
@@ -221,10 +176,8 @@ class CheckpointManager:
     def load(self) -> TrainState:
         """Restore the chosen checkpoint into the live objects. A run without a checkpoint of its own starts
         from checkpoint.initial_load_path when set, else from its fresh initialisation."""
-        from pretrain.initial_load import initial_load
-
         if not self.cfg.enable:
-            return initial_load(self)
+            return initial_load(self.cfg, self.live)
         steps = complete_steps(self.folder)
         if self.cfg.create_seed_checkpoint:
             if steps:
@@ -232,7 +185,7 @@ class CheckpointManager:
                     f"checkpoint.create_seed_checkpoint=true but {self.folder} already holds steps {steps}; the seed "
                     "goes into an empty folder. Fix: use a new job.name, or delete that checkpoint folder."
                 )
-            return initial_load(self)  # the seed holds the initial weights: those of initial_load_path if set
+            return initial_load(self.cfg, self.live)  # the seed holds the initial weights: those of initial_load_path if set
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError(
@@ -241,7 +194,7 @@ class CheckpointManager:
                 )
             step = self.cfg.load_step
         elif not steps:
-            return initial_load(self)
+            return initial_load(self.cfg, self.live)
         else:
             step = steps[-1]
         path = os.path.join(self.folder, f"step-{step}")
@@ -255,34 +208,7 @@ class CheckpointManager:
                 "from the previous checkpoint, or pick one with checkpoint.load_step."
             ) from None
         fix = "Fix: use the model config it was saved with, or start a new run (another job.name)."
-        state = self._restore(path, meta, set(self.cfg.exclude_from_loading), f"checkpoint {path}", fix)
-        return state
-
-    def _restore(self, path: str, meta: dict, excluded: set[str], what: str, fix: str) -> TrainState:
-        """Load a DCP step folder (its train_state.json already read into `meta`) into the live objects."""
-        load_optimizer = "optimizer" not in excluded and not meta["model_only"]
-        own_model, model_sd = self._model_state_dict()
-        state_dict = {"model": model_sd}
-        if load_optimizer:
-            own_optimizer, state_dict["optimizer"] = self._optimizer_state_dict()
-        try:
-            dcp.load(state_dict, storage_reader=SafeFileSystemReader(path))
-        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            raise ConfigError(f"{what} does not match this model/optimizer: {e}. {fix}") from None
-        # back to the parts' own names (DCP loaded in place, or replaced the non-tensor values)
-        loaded = {key: state_dict["model"][drop_name_at(key, 0)] for key in own_model}
-        set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
-        if load_optimizer:
-            loaded = {key: state_dict["optimizer"][drop_name_at(key, 1)] for key in own_optimizer}
-            set_optimizer_state_dict(self.parts, self.optimizer, loaded, options=FLAT)
-        if meta["model_only"]:
-            excluded |= {"lr_scheduler", "dataloader"}
-        if "lr_scheduler" not in excluded:
-            self.lr_scheduler.load_state_dict(meta["lr_scheduler"])
-        if "dataloader" not in excluded:
-            self.dataloader.load_state_dict(meta["dataloader"])
-        state = TrainState() if "train_state" in excluded else TrainState(**meta["train_state"])
-        logger.info(f"checkpoint: resumed from {path} (step {state.step}; not loaded: {sorted(excluded) or 'nothing'})")
+        state = self.live.restore(path, meta, set(self.cfg.exclude_from_loading), f"checkpoint {path}", fix)
         return state
 
 def _short_reason(error: BaseException) -> str:
@@ -293,14 +219,6 @@ def _short_reason(error: BaseException) -> str:
         cause = failure[0] if isinstance(failure, tuple) else failure
         return f"rank {rank}: {type(cause).__name__}: {cause}"
     return f"{type(error).__name__}: {error}"
-
-
-def drop_name_at(key: str, position: int) -> str:
-    """Remove one dotted component: the part index. ("0.layers.1.w", 0) -> "layers.1.w";
-    ("state.0.layers.1.w.exp_avg", 1) -> "state.layers.1.w.exp_avg"."""
-    names = key.split(".")
-    del names[position]
-    return ".".join(names)
 
 
 def _fsync_dir(path: str) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pretrain.config import ConfigError
+from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pretrain.config import JobConfig
-    from pretrain.distributed.parallel_dims import ParallelDims
+    from pretrain.config.degrees import Degrees
+    from pretrain.config.schema import JobConfig
 
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble", "ZBVZeroBubble")
 # schedules that run several stages per rank
@@ -18,7 +18,7 @@ MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "LoopedBFS", "InterleavedZeroBubble"
 V_SCHEDULES = ("ZBVZeroBubble",)
 
 
-def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
+def check_layout(job: JobConfig, dims: Degrees) -> None:
     m, t, p = job.model, job.training, job.parallelism
     kv = m.n_kv_heads or m.n_heads
     if dims.tp_enabled:
@@ -37,10 +37,10 @@ def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
             f"training.seq_len={t.seq_len} is not divisible by {what} = {seq_factor} "
             f"(cp={dims.cp}, tp={dims.tp}). Fix: use a seq_len that is a multiple of {seq_factor}."
         )
-    _choice = ("allgather", "ring")
-    if p.context_parallel_method not in _choice:
+    methods = ("allgather", "ring")
+    if p.context_parallel_method not in methods:
         raise ConfigError(
-            f"parallelism.context_parallel_method={p.context_parallel_method!r} is not one of {', '.join(_choice)}. "
+            f"parallelism.context_parallel_method={p.context_parallel_method!r} is not one of {', '.join(methods)}. "
             "Fix: use allgather or ring."
         )
     if dims.pp_enabled or p.pipeline_parallel_schedule != "1F1B":
@@ -48,7 +48,7 @@ def check_layout(job: "JobConfig", dims: "ParallelDims") -> None:
 
 
 
-def check_experts(job: "JobConfig", dims: "ParallelDims") -> None:
+def check_experts(job: JobConfig, dims: Degrees) -> None:
     """Expert parallelism needs experts to split; TP splits each expert's hidden units."""
     e = job.model.moe
     if dims.ep_enabled and not e.n_routed_experts:
@@ -71,7 +71,7 @@ def check_experts(job: "JobConfig", dims: "ParallelDims") -> None:
                 )
 
 
-def check_pipeline(job: "JobConfig", dims: "ParallelDims") -> None:
+def check_pipeline(job: JobConfig, dims: Degrees) -> None:
     m, t, p = job.model, job.training, job.parallelism
     if p.pipeline_parallel_schedule not in PP_SCHEDULES:
         raise ConfigError(
@@ -173,7 +173,7 @@ def pipeline_layers_per_stage(n_layers: int, n_stages: int, first_less: int = 1,
     return counts
 
 
-def pipeline_stage_count(job: "JobConfig", dims: "ParallelDims") -> int:
+def pipeline_stage_count(job: JobConfig, dims: Degrees) -> int:
     """Stages of the whole model: explicit, from layers per stage, or one (two for looped/V schedules) per rank."""
     p, m = job.parallelism, job.model
     if p.module_fqns_per_model_part is not None:

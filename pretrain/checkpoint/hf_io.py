@@ -17,7 +17,8 @@ import json
 import os
 import shutil
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from pretrain.distributed.fsdp import DTYPES
 
 if TYPE_CHECKING:
     from pretrain.config import ModelConfig
-    from pretrain.models.spec import ModelSpec
+    from pretrain.models.common.spec import ModelSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -38,7 +39,7 @@ MAX_SHARD_BYTES = 5 * 2**30  # transformers' default shard size
 LOAD_CHUNK_BYTES = 2 * 2**30  # full tensors read and scattered per step when loading
 
 
-def adapter_of(spec: "ModelSpec") -> Any:
+def adapter_of(spec: ModelSpec) -> Any:
     if spec.hf_adapter is None:
         raise ValueError(f"model family {spec.name!r} has no Hugging Face adapter (ModelSpec.hf_adapter)")
     return spec.hf_adapter
@@ -48,8 +49,8 @@ def adapter_of(spec: "ModelSpec") -> Any:
 def save_hf(
     state_dict: dict[str, torch.Tensor],
     out_dir: str,
-    spec: "ModelSpec",
-    model_cfg: "ModelConfig",
+    spec: ModelSpec,
+    model_cfg: ModelConfig,
     dtype: str = "bfloat16",
     max_shard_bytes: int = MAX_SHARD_BYTES,
     max_position_embeddings: int | None = None,
@@ -163,7 +164,7 @@ def hf_names(source: str | list[str]) -> list[str]:
     return [source] if isinstance(source, str) else list(source)
 
 
-def load_hf_into(model_parts: list[nn.Module], hf_dir: str, spec: "ModelSpec", model_cfg: "ModelConfig",
+def load_hf_into(model_parts: list[nn.Module], hf_dir: str, spec: ModelSpec, model_cfg: ModelConfig,
                  strict: bool = True, chunk_bytes: int = LOAD_CHUNK_BYTES) -> None:
     """Fill each model part (a whole model or a pipeline stage, wrapped or not, sharded or not) with the
     HF weights of its own parameters. Every rank reads the full tensors it needs and

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pretrain.config import ConfigError, _choice, _positive
+from pretrain.errors import ConfigError, check_choice, check_positive
 
 if TYPE_CHECKING:
-    from pretrain.config import JobConfig
-    from pretrain.distributed.parallel_dims import ParallelDims
+    from pretrain.config.degrees import Degrees
+    from pretrain.config.schema import JobConfig
 
 AC_MODES = ("none", "full", "selective", "memory_budget")
 FLOAT8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 COMPILE_COMPONENTS = ("model", "loss")
 
 
-def compiles_model(job: "JobConfig") -> bool:
+def compiles_model(job: JobConfig) -> bool:
     return job.compile.enable and "model" in job.compile.components
 
 
@@ -37,7 +37,7 @@ def selective_every_n(option: str) -> int:
     return n
 
 
-def check_features(job: "JobConfig", dims: "ParallelDims") -> None:
+def check_features(job: JobConfig, dims: Degrees) -> None:
     check_compile(job)
     check_activation_checkpoint(job)
     check_float8(job)
@@ -45,16 +45,16 @@ def check_features(job: "JobConfig", dims: "ParallelDims") -> None:
     check_profiling(job)
 
 
-def check_compile(job: "JobConfig") -> None:
+def check_compile(job: JobConfig) -> None:
     c = job.compile
     for item in c.components:
-        _choice("compile.components", item, COMPILE_COMPONENTS)
-    _choice("compile.backend", c.backend, ("inductor", "aot_eager", "eager"))
+        check_choice("compile.components", item, COMPILE_COMPONENTS)
+    check_choice("compile.backend", c.backend, ("inductor", "aot_eager", "eager"))
 
 
-def check_activation_checkpoint(job: "JobConfig") -> None:
+def check_activation_checkpoint(job: JobConfig) -> None:
     ac = job.activation_checkpoint
-    _choice("activation_checkpoint.mode", ac.mode, AC_MODES)
+    check_choice("activation_checkpoint.mode", ac.mode, AC_MODES)
     if ac.mode == "selective":
         selective_every_n(ac.selective_ac_option)
     if ac.mode == "memory_budget":
@@ -71,9 +71,9 @@ def check_activation_checkpoint(job: "JobConfig") -> None:
             )
 
 
-def check_float8(job: "JobConfig") -> None:
+def check_float8(job: JobConfig) -> None:
     f = job.float8
-    _choice("float8.recipe_name", f.recipe_name, FLOAT8_RECIPES)
+    check_choice("float8.recipe_name", f.recipe_name, FLOAT8_RECIPES)
     if not f.enable:
         return
     if f.enable_fsdp_float8_all_gather and f.recipe_name != "tensorwise":
@@ -96,7 +96,7 @@ def check_float8(job: "JobConfig") -> None:
         )
 
 
-def check_async_tp(job: "JobConfig", dims: "ParallelDims") -> None:
+def check_async_tp(job: JobConfig, dims: Degrees) -> None:
     if not job.parallelism.enable_async_tensor_parallel:
         return
     key = "parallelism.enable_async_tensor_parallel=true"
@@ -117,11 +117,11 @@ def check_async_tp(job: "JobConfig", dims: "ParallelDims") -> None:
         )
 
 
-def check_profiling(job: "JobConfig") -> None:
+def check_profiling(job: JobConfig) -> None:
     p = job.profiling
     for key in ("profile_freq", "profiler_active"):
-        _positive(f"profiling.{key}", getattr(p, key))
-    _positive("profiling.profiler_warmup", p.profiler_warmup, allow_zero=True)
+        check_positive(f"profiling.{key}", getattr(p, key))
+    check_positive("profiling.profiler_warmup", p.profiler_warmup, allow_zero=True)
     if p.enable_profiling and p.profiler_warmup + p.profiler_active > p.profile_freq:
         raise ConfigError(
             f"profiling.profiler_warmup={p.profiler_warmup} + profiling.profiler_active={p.profiler_active} "

@@ -14,13 +14,13 @@ allocator's peak reserved; memory_active_gib: its peak of live tensors).
 Then, if `import torchtitan.train` works, every point again through torchtitan 0.3.0 (see
 `titan_notes()` for how it is set up and what differs), parsed from its log, side by side.
 
-On the GPU machine (the wheels come from sweeps/gpu_wheels.sh, run where there is network):
+On the GPU machine (the wheels come from sweeps/bench/gpu_wheels.sh, run where there is network):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-    python3 sweeps/bench_gpu.py                                    # all points, then torchtitan
-    python3 sweeps/bench_gpu.py --points eager,compile --no-torchtitan
-    python3 sweeps/bench_gpu.py --dry                              # print the commands (and torchtitan's config module)
+    python3 sweeps/bench/bench_gpu.py                                    # all points, then torchtitan
+    python3 sweeps/bench/bench_gpu.py --points eager,compile --no-torchtitan
+    python3 sweeps/bench/bench_gpu.py --dry                              # print the commands (and torchtitan's config module)
 Here, without a GPU:
-    python sweeps/bench_gpu.py --cpu-smoke                         # the pretrain points: debug model, CPU, fp32
+    python sweeps/bench/bench_gpu.py --cpu-smoke                         # the pretrain points: debug model, CPU, fp32
 """
 
 from __future__ import annotations
@@ -36,9 +36,6 @@ import time
 from bench_gpu_titan import print_side_by_side, run_titan, titan_available
 from bench_overhead import REPO, command_line, launch_command, machine_summary, run_launch, steady_state
 from gpu_points import POINTS, Point
-
-
-
 
 # ----------------------------------------------------------------------------------------------------
 # pretrain

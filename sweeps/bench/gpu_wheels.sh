@@ -2,14 +2,14 @@
 # Wheels for a GPU machine that has torch (2.11, CUDA) but no network: run this HERE (with network),
 # carry .whl/ over (it is git-ignored), install there without an index. Python 3.12, manylinux x86_64.
 #
-#   sweeps/gpu_wheels.sh              # what the lent H100/H200 image lacks: pretrain's deps + torchtitan 0.3.0 (~6 MB)
-#   sweeps/gpu_wheels.sh pretrain     # only what launch.py needs there
-#   sweeps/gpu_wheels.sh bare         # also everything that image has but a bare torch install lacks (~110 MB)
-#   PY=3.11 DEST=/tmp/w sweeps/gpu_wheels.sh
+#   sweeps/bench/gpu_wheels.sh              # what the lent H100/H200 image lacks: pretrain's deps + torchtitan 0.3.0 (~6 MB)
+#   sweeps/bench/gpu_wheels.sh pretrain     # only what launch.py needs there
+#   sweeps/bench/gpu_wheels.sh bare         # also everything that image has but a bare torch install lacks (~110 MB)
+#   PY=3.11 DEST=/tmp/w sweeps/bench/gpu_wheels.sh
 #
 # Then, on the GPU machine (repository root):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-#   python3 sweeps/bench_gpu.py
+#   python3 sweeps/bench/bench_gpu.py
 #
 # Every wheel is pinned and downloaded without its dependencies (--no-deps), so the lists are the whole
 # closure. The default set leaves out what the lent GPU image already has (numpy, pandas, pyarrow,
@@ -23,7 +23,7 @@ set -euo pipefail
 WHAT=${1:-all}
 PY=${PY:-3.12}
 DEST=${DEST:-.whl}
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 # launch.py with data=embedded, float8 and compile: what the GPU image lacks
 PRETRAIN=(
@@ -34,7 +34,7 @@ PRETRAIN=(
     submitit==1.5.3                   # imported by the launcher's SLURM side; cloudpickle is there
 )
 SDIST_ONLY=(antlr4-python3-runtime==4.9.3)  # hydra's parser runtime: a source archive only, built here (pure Python)
-# torchtitan 0.3.0 for sweeps/bench_gpu.py's comparison (not a dependency of this project)
+# torchtitan 0.3.0 for sweeps/bench/bench_gpu.py's comparison (not a dependency of this project)
 TORCHTITAN=(
     torchtitan==0.3.0 torchdata==0.11.0 torch-checkpointing==0.1.1 spmd-types==0.2.3
     tyro==0.9.35 docstring-parser==0.17.0 shtab==1.7.2 typeguard==4.4.4

@@ -1,11 +1,11 @@
-"""Platform overhead: tokens/s of `launch.py` vs a plain PyTorch loop (sweeps/plain_loop.py) of the same
+"""Platform overhead: tokens/s of `launch.py` vs a plain PyTorch loop (sweeps/bench/plain_loop.py) of the same
 model (debug), batch, precision (fp32 on CPU) and compile setting, run alternately in one invocation so
 both see the same machine state.
 
-    python sweeps/bench_overhead.py                      # seq 512 and 2048, 4096 tokens per step, eager
-    python sweeps/bench_overhead.py --compile            # both sides compiled (per block, fullgraph, + the loss)
-    python sweeps/bench_overhead.py --no-aim             # launch.py without Aim (on by default, as users run it)
-    python sweeps/bench_overhead.py --rounds 1 --steps 4 --warmup 2 --seq-lens 64 --tokens-per-step 128   # smoke
+    python sweeps/bench/bench_overhead.py                      # seq 512 and 2048, 4096 tokens per step, eager
+    python sweeps/bench/bench_overhead.py --compile            # both sides compiled (per block, fullgraph, + the loss)
+    python sweeps/bench/bench_overhead.py --no-aim             # launch.py without Aim (on by default, as users run it)
+    python sweeps/bench/bench_overhead.py --rounds 1 --steps 4 --warmup 2 --seq-lens 64 --tokens-per-step 128   # smoke
 
 Batch: every sequence length gets the same tokens per step (`--tokens-per-step`, default 4096, so
 batch 8 at seq 512 and batch 2 at seq 2048), which keeps a seq-2048 round as long as a seq-512 one
@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def launch_tokens_per_s(seq_len: int, batch: int, args, workdir: str) -> float:
 
 def plain_tokens_per_s(seq_len: int, batch: int, args) -> float:
     cmd = [
-        sys.executable, os.path.join(REPO, "sweeps", "plain_loop.py"),
+        sys.executable, os.path.join(REPO, "sweeps", "bench", "plain_loop.py"),
         f"--seq-len={seq_len}", f"--batch={batch}", f"--steps={args.steps}", f"--warmup={args.warmup}",
     ]
     if args.compile:

@@ -1,7 +1,7 @@
 """A plain PyTorch training loop of the same model: the baseline that platform overhead is measured
 against. No config system, no data pipeline (all tokens made up front), no metrics, no checkpoints.
 
-    python sweeps/plain_loop.py --seq-len 512 --batch 8 --steps 40 --warmup 5 [--compile] [--tokens embedded]
+    python sweeps/bench/plain_loop.py --seq-len 512 --batch 8 --steps 40 --warmup 5 [--compile] [--tokens embedded]
 
 `--tokens random` (default): uniform random tokens. `--tokens embedded`: the first batches of the
 embedded corpus, the very tokens `launch.py` trains on, prepared before anything is timed (real text
