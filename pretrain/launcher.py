@@ -20,7 +20,8 @@ from pretrain.train import main
 
 def launch(job: JobConfig) -> int:
     """Run `pretrain.train.main(job)` on every rank; returns the exit code for the shell."""
-    if job.cluster.name == "slurm":  # launch.py reaches this only with hydra.mode=RUN; the usual path is the Hydra launcher
+    # launch.py reaches this only with hydra.mode=RUN; the usual path is the Hydra launcher
+    if job.cluster.name == "slurm":
         return submit_to_slurm(job)
     if job.cluster.nproc_per_node == 1:
         try:
@@ -73,7 +74,10 @@ def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
             code, path = e.failures[rank].exitcode, os.path.join(error_dir, f"rank-{rank}.txt")
             if code in (EXIT_USER_ERROR, EXIT_HALTED) and os.path.isfile(path):
                 with open(path) as f:
-                    print(f"{'error' if code == EXIT_USER_ERROR else 'stopped'} (rank {rank}): {f.read()}", file=sys.stderr)
+                    print(
+                        f"{'error' if code == EXIT_USER_ERROR else 'stopped'} (rank {rank}): {f.read()}",
+                        file=sys.stderr,
+                    )
                 return code
         print(f"error: training failed on rank(s) {sorted(e.failures)}:\n{e.format_msg()}", file=sys.stderr)
         return 1

@@ -100,7 +100,8 @@ def open_aim_run(job: JobConfig) -> Any:
         with open(hash_file) as f:
             run_hash = f.read().strip()
     if run_hash and not repo.run_exists(run_hash):
-        logger.warning(f"Aim run {run_hash} (from {hash_file}) is not in the Aim repo {repo_dir}; starting a new Aim run")
+        logger.warning(f"Aim run {run_hash} (from {hash_file}) is not in the Aim repo {repo_dir}; starting a new Aim "
+                       "run")
         run_hash = ""
     if run_hash:
         holder = _aim_lock_holder(repo_dir, run_hash)

@@ -120,14 +120,20 @@ def cpu_peak_flops(dtype: torch.dtype, cache_dir: str) -> tuple[float, str]:
         entry = cache.get(key)
         if isinstance(entry, dict) and entry.get("flops", 0) > 0:
             flops = float(entry["flops"])
-            return flops, f"CPU measured {dtype_name} matmul, {threads} threads: {flops / 1e12:.3g} TFLOP/s (cached in {path})"
+            return (
+                flops,
+                f"CPU measured {dtype_name} matmul, {threads} threads: {flops / 1e12:.3g} TFLOP/s (cached in {path})",
+            )
         flops = measure_cpu_matmul_flops(dtype)
         cache[key] = {"flops": flops, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__}
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
             json.dump(cache, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
-    return flops, f"CPU measured {dtype_name} matmul, {threads} threads: {flops / 1e12:.3g} TFLOP/s (now cached in {path})"
+    return (
+        flops,
+        f"CPU measured {dtype_name} matmul, {threads} threads: {flops / 1e12:.3g} TFLOP/s (now cached in {path})",
+    )
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype, cache_dir: str) -> tuple[float, str]:

@@ -146,7 +146,9 @@ class Trainer:
         the global batch: each micro-batch contributes sum(CE) / tokens of this rank's step, and
         FSDP averages gradients over the data-parallel ranks."""
         autocast = (
-            torch.autocast(self.device.type, dtype=self.compute_dtype) if self.use_autocast else contextlib.nullcontext()
+            torch.autocast(self.device.type, dtype=self.compute_dtype)
+            if self.use_autocast
+            else contextlib.nullcontext()
         )
         loss_total = torch.zeros((), device=self.device)
         for inputs, labels in micro_batches:
@@ -165,7 +167,9 @@ class Trainer:
                 loss = self.loss_fn(logits, labels)
                 loss.backward()
             loss_total += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
-        grad_norm = clip_grad_norm_(self.params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None)
+        grad_norm = clip_grad_norm_(
+            self.params, self.job.training.max_norm, self.pipeline.group if self.pipeline else None
+        )
         # the norm is global (reduced over every rank), so all ranks take the same branch. Reading it is the
         # step's one host sync: on CUDA the optimizer kernels are queued after backward ends, not during it
         if torch.isfinite(grad_norm):
@@ -191,7 +195,9 @@ class Trainer:
                 "training.on_nonfinite=skip to drop such steps."
             )
         self.nonfinite_steps += 1
-        logger.warning(f"{what} is not finite: update skipped (training.on_nonfinite=skip; {self.nonfinite_steps} so far)")
+        logger.warning(
+            f"{what} is not finite: update skipped (training.on_nonfinite=skip; {self.nonfinite_steps} so far)"
+        )
 
     def train(self) -> None:
         t, state = self.job.training, self.state
@@ -220,7 +226,8 @@ class Trainer:
                 if t.gc_freq > 0 and state.step % t.gc_freq == 0:
                     gc.collect(1)
                 state.tokens_seen += t.global_batch_size * t.seq_len
-                # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share its tokens
+                # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share
+                # its tokens
                 window_tokens += self.local_tokens_per_step // (self.dims.tp * self.dims.pp)
                 log_now = state.step == 1 or state.step % self.job.metrics.log_freq == 0 or state.step == t.steps
                 self.expert_stats = self.expert_load.step(log_now)  # MoE: expert-bias update, load metrics
@@ -238,8 +245,11 @@ class Trainer:
 
     def _log_step(self, state, loss, grad_norm, lr: float, tokens: int, seconds: float, since_start: float) -> None:
         if state.step == self.first_step:  # compile, allocator and cache warm-up: not steady state
-            logger.info(f"first step took {seconds:.1f}s (warm-up{', compile included' if self.job.compile.enable else ''}); "
-                        "throughput is steady from the next logged step")
+            logger.info(
+                f"first step took {seconds:.1f}s "
+                f"(warm-up{', compile included' if self.job.compile.enable else ''}); "
+                "throughput is steady from the next logged step"
+            )
         self.metrics.log(
             state.step,
             {

@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir = args.sweep_dir.rstrip("/")
     points = read_points(sweep_dir)
     if not points:
-        print(f"error: {sweep_dir} holds no {MANIFEST} and no run directories. Fix: pass a sweep directory.", file=sys.stderr)
+        message = f"error: {sweep_dir} holds no {MANIFEST} and no run directories. Fix: pass a sweep directory."
+        print(message, file=sys.stderr)
         return 2
     rows = build_rows(points)
     markdown = to_markdown(sweep_dir, rows)

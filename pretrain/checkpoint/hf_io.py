@@ -139,7 +139,9 @@ def weight_map(hf_dir: str) -> dict[str, str]:
         return {key: single for key in f.keys()}
 
 
-def read_hf(hf_dir: str, keys: Iterable[str] | None = None, files: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+def read_hf(
+    hf_dir: str, keys: Iterable[str] | None = None, files: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
     """The named HF tensors (all when `keys` is None), each read lazily from its shard."""
     from safetensors import safe_open
 
@@ -164,8 +166,14 @@ def hf_names(source: str | list[str]) -> list[str]:
     return [source] if isinstance(source, str) else list(source)
 
 
-def load_hf_into(model_parts: list[nn.Module], hf_dir: str, spec: ModelSpec, model_cfg: ModelConfig,
-                 strict: bool = True, chunk_bytes: int = LOAD_CHUNK_BYTES) -> None:
+def load_hf_into(
+    model_parts: list[nn.Module],
+    hf_dir: str,
+    spec: ModelSpec,
+    model_cfg: ModelConfig,
+    strict: bool = True,
+    chunk_bytes: int = LOAD_CHUNK_BYTES,
+) -> None:
     """Fill each model part (a whole model or a pipeline stage, wrapped or not, sharded or not) with the
     HF weights of its own parameters. Every rank reads the full tensors it needs and
     `set_model_state_dict(full_state_dict=True)` keeps its shard (FSDP/TP DTensors) or the whole tensor.
@@ -190,7 +198,8 @@ def load_hf_into(model_parts: list[nn.Module], hf_dir: str, spec: ModelSpec, mod
             for key, value in sd.items():
                 if tuple(value.shape) != tuple(own[key].shape):
                     raise ValueError(
-                        f"{needed[key]} in {hf_dir} has shape {tuple(value.shape)}, our {key} has {tuple(own[key].shape)}"
+                        f"{needed[key]} in {hf_dir} has shape {tuple(value.shape)}, our {key} has "
+                        f"{tuple(own[key].shape)}"
                     )
                 sd[key] = value.to(own[key].dtype)
             set_model_state_dict(part, sd, options=options)

@@ -185,7 +185,8 @@ class CheckpointManager:
                     f"checkpoint.create_seed_checkpoint=true but {self.folder} already holds steps {steps}; the seed "
                     "goes into an empty folder. Fix: use a new job.name, or delete that checkpoint folder."
                 )
-            return initial_load(self.cfg, self.live)  # the seed holds the initial weights: those of initial_load_path if set
+            # the seed holds the initial weights: those of initial_load_path if set
+            return initial_load(self.cfg, self.live)
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError(

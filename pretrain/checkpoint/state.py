@@ -52,17 +52,21 @@ def complete_steps(folder: str) -> list[int]:
     for name in os.listdir(folder):
         match = STEP_DIR.match(name)
         path = os.path.join(folder, name)
-        if match and os.path.isfile(os.path.join(path, TRAIN_STATE)) and os.path.isfile(os.path.join(path, ".metadata")):
+        if (
+            match
+            and os.path.isfile(os.path.join(path, TRAIN_STATE))
+            and os.path.isfile(os.path.join(path, ".metadata"))
+        ):
             steps.append(int(match.group(1)))
     return sorted(steps)
-
-
 
 
 class LiveState:
     """This rank's training objects, as a checkpoint sees them."""
 
-    def __init__(self, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer, lr_scheduler: Any, dataloader: Any):
+    def __init__(
+        self, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer, lr_scheduler: Any, dataloader: Any
+    ):
         # one module over this rank's parts: its names are "<part index>.<full model name>"
         self.parts = nn.ModuleList(model_parts)
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader

@@ -32,7 +32,12 @@ class Degrees:
             if value < 1:
                 raise ConfigError(f"parallelism.{key}={value} must be >= 1. Fix: use 1 to disable it.")
         shard = p.data_parallel_shard_degree
-        others = p.data_parallel_replicate_degree * p.context_parallel_degree * p.tensor_parallel_degree * p.pipeline_parallel_degree
+        others = (
+            p.data_parallel_replicate_degree
+            * p.context_parallel_degree
+            * p.tensor_parallel_degree
+            * p.pipeline_parallel_degree
+        )
         listing = ", ".join(f"{k}={v}" for k, v in degrees.items())
         if shard == -1:
             if world_size % others:

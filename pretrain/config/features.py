@@ -79,7 +79,8 @@ def check_float8(job: JobConfig) -> None:
     if f.enable_fsdp_float8_all_gather and f.recipe_name != "tensorwise":
         raise ConfigError(
             f"float8.enable_fsdp_float8_all_gather=true works with the tensorwise recipe only, not "
-            f"float8.recipe_name={f.recipe_name}. Fix: float8=tensorwise, or float8.enable_fsdp_float8_all_gather=false."
+            f"float8.recipe_name={f.recipe_name}. Fix: float8=tensorwise, or "
+            "float8.enable_fsdp_float8_all_gather=false."
         )
     if f.precompute_float8_dynamic_scale_for_fsdp and not f.enable_fsdp_float8_all_gather:
         raise ConfigError(

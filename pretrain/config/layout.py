@@ -63,7 +63,10 @@ def check_experts(job: JobConfig, dims: Degrees) -> None:
             f"divides {e.n_routed_experts}."
         )
     if dims.tp_enabled and e.n_routed_experts:
-        for key, hidden in (("hidden_dim", e.hidden_dim), ("n_shared_experts x hidden_dim", e.n_shared_experts * e.hidden_dim)):
+        for key, hidden in (
+            ("hidden_dim", e.hidden_dim),
+            ("n_shared_experts x hidden_dim", e.n_shared_experts * e.hidden_dim),
+        ):
             if hidden % dims.tp:
                 raise ConfigError(
                     f"model.moe.{key}={hidden} is not divisible by parallelism.tensor_parallel_degree={dims.tp}: TP "

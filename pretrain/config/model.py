@@ -30,8 +30,10 @@ class MoEConfig:
     route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3 671B: 2.5)
     n_expert_groups: int = 1  # group-limited routing: experts split into this many groups (DeepSeek: 8); 1 = off
     n_limited_groups: int = 1  # groups a token may route to, chosen by their top-2 scores (DeepSeek-V3: 4)
-    bias_update_speed: float = 0.0  # auxiliary-loss-free balancing: expert-bias step per optimizer step (DeepSeek-V3: 1e-3); 0 = off
-    aux_loss_coeff: float = 0.0  # weight of the Switch/Qwen3 balance loss (HF router_aux_loss_coef; Qwen3: 0.001), averaged over MoE layers; 0 = off
+    # auxiliary-loss-free balancing: expert-bias step per optimizer step (DeepSeek-V3: 1e-3); 0 = off
+    bias_update_speed: float = 0.0
+    # weight of the Switch/Qwen3 balance loss (HF router_aux_loss_coef; Qwen3: 0.001), averaged over MoE layers; 0 = off
+    aux_loss_coeff: float = 0.0
 
 
 @dataclass
@@ -53,7 +55,8 @@ class ModelConfig:
     n_kv_heads: Optional[int] = None  # key/value heads for grouped-query attention; null = n_heads
     head_dim: Optional[int] = None  # width of one head E; null = dim / n_heads (Qwen3: 128)
     vocab_size: int = 2048  # embedding rows; must be >= the tokenizer's vocabulary
-    ffn_hidden_dim: Optional[int] = None  # dense SwiGLU hidden size; null = from multiple_of and ffn_dim_multiplier (Llama's rule)
+    # dense SwiGLU hidden size; null = from multiple_of and ffn_dim_multiplier (Llama's rule)
+    ffn_hidden_dim: Optional[int] = None
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (8B: 1.3); null = 1
     norm_eps: float = 1e-5  # RMSNorm epsilon
@@ -127,7 +130,8 @@ def validate_model(m: ModelConfig) -> None:
         )
     if m.n_kv_heads is not None and m.n_kv_heads <= 0:
         raise ConfigError(
-            f"model.n_kv_heads={m.n_kv_heads} must be > 0. Fix: set it to a divisor of model.n_heads, or null for n_heads."
+            f"model.n_kv_heads={m.n_kv_heads} must be > 0. Fix: set it to a divisor of model.n_heads, or null for "
+            "n_heads."
         )
     kv = m.n_kv_heads or m.n_heads
     if m.n_heads % kv:
@@ -136,7 +140,8 @@ def validate_model(m: ModelConfig) -> None:
             "Fix: set n_kv_heads to a divisor of n_heads (or null for n_heads)."
         )
     if head_dim(m) % 2:
-        raise ConfigError(f"head width {head_dim(m)} (model.head_dim or dim / n_heads) is odd; RoPE rotates pairs. Fix: make it even.")
+        raise ConfigError(f"head width {head_dim(m)} (model.head_dim or dim / n_heads) is odd; RoPE rotates pairs. "
+                          "Fix: make it even.")
     _validate_moe(m)
     _validate_mla(m)
     _validate_family(m)
@@ -158,7 +163,8 @@ def family_spec(name: str) -> Any:
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
-    raise ConfigError(f"model.name={name!r} is not one of {', '.join(family_names())}. Fix: set model.name to one of them.")
+    raise ConfigError(f"model.name={name!r} is not one of {', '.join(family_names())}. Fix: set model.name to one of "
+                      "them.")
 
 
 def requested_features(m: ModelConfig) -> dict[str, str]:
@@ -181,7 +187,8 @@ def _validate_family(m: ModelConfig) -> None:
     wanted = requested_features(m)
     for feature, what in spec.required.items():
         if feature not in wanted:
-            raise ConfigError(f"model.name={m.name} needs {what}. Fix: start from one of its presets (model={m.name}_...).")
+            raise ConfigError(f"model.name={m.name} needs {what}. Fix: start from one of its presets "
+                              f"(model={m.name}_...).")
     for feature, key in wanted.items():
         if feature not in spec.features:
             has = ", ".join(n for n in family_names() if feature in family_spec(n).features)
@@ -233,4 +240,5 @@ def _validate_mla(m: ModelConfig) -> None:
     for key in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
         check_positive(f"model.mla.{key}", getattr(a, key))
     if a.qk_rope_head_dim % 2:
-        raise ConfigError(f"model.mla.qk_rope_head_dim={a.qk_rope_head_dim} is odd; RoPE rotates pairs. Fix: make it even.")
+        raise ConfigError(f"model.mla.qk_rope_head_dim={a.qk_rope_head_dim} is odd; RoPE rotates pairs. Fix: make it "
+                          "even.")

@@ -38,37 +38,50 @@ class ParallelismConfig:
     fsdp_reshard_after_forward: str = "default"  # default | always | never: free gathered params after forward
     disable_loss_parallel: bool = False  # with TP: gather the logits instead of a vocab-sharded cross-entropy
     enable_async_tensor_parallel: bool = False  # overlap TP collectives with matmuls (CUDA + compile only)
-    pipeline_parallel_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble
-    pipeline_parallel_microbatch_size: int = 1  # sequences per pipeline micro-batch; local_batch_size must be a multiple
-    pipeline_parallel_layers_per_stage: Optional[int] = None  # layers per stage (virtual stages follow); null = one stage per rank (two for looped/V schedules)
+    # GPipe | 1F1B | Interleaved1F1B | LoopedBFS | InterleavedZeroBubble | ZBVZeroBubble
+    pipeline_parallel_schedule: str = "1F1B"
+    # sequences per pipeline micro-batch; local_batch_size must be a multiple
+    pipeline_parallel_microbatch_size: int = 1
+    # layers per stage (virtual stages follow); null = one stage per rank (two for looped/V schedules)
+    pipeline_parallel_layers_per_stage: Optional[int] = None
     pipeline_parallel_first_stage_less_layers: int = 1  # the first stage holds this many fewer layers (it also embeds)
-    pipeline_parallel_last_stage_less_layers: int = 1  # the last stage holds this many fewer layers (it also computes the output)
-    module_fqns_per_model_part: Optional[list[list[str]]] = None  # explicit module names per stage, e.g. [[tok_embeddings, layers.0], [layers.1, norm, output]]
+    # the last stage holds this many fewer layers (it also computes the output)
+    pipeline_parallel_last_stage_less_layers: int = 1
+    # explicit module names per stage, e.g. [[tok_embeddings, layers.0], [layers.1, norm, output]]
+    module_fqns_per_model_part: Optional[list[list[str]]] = None
     context_parallel_method: str = "allgather"  # allgather | ring: how attention sees the whole sequence under CP
 
 
 @dataclass
 class Float8Config:
-    enable: bool = False  # convert linear layers to torchao float8 training (conf/float8: off, tensorwise, rowwise, ...)
+    # convert linear layers to torchao float8 training (conf/float8: off, tensorwise, rowwise, ...)
+    enable: bool = False
     recipe_name: str = "tensorwise"  # torchao recipe: tensorwise | rowwise | rowwise_with_gw_hp
-    enable_fsdp_float8_all_gather: bool = False  # tensorwise + FSDP: all-gather weights in float8 (half the bytes of bf16)
-    precompute_float8_dynamic_scale_for_fsdp: bool = False  # with float8 all-gather: one fused amax for all weights after each optimizer step
-    filter_fqns: list[str] = field(default_factory=lambda: ["output"])  # linear layers whose name contains one of these stay in high precision; "auto_filter_small_kn" also skips layers too small to gain
+    # tensorwise + FSDP: all-gather weights in float8 (half the bytes of bf16)
+    enable_fsdp_float8_all_gather: bool = False
+    # with float8 all-gather: one fused amax for all weights after each optimizer step
+    precompute_float8_dynamic_scale_for_fsdp: bool = False
+    # linear layers whose name contains one of these stay in high precision; "auto_filter_small_kn" also skips layers
+    # too small to gain
+    filter_fqns: list[str] = field(default_factory=lambda: ["output"])
     emulate: bool = False  # float8 math emulated in high precision (for testing); CPU always emulates
 
 
 @dataclass
 class CompileConfig:
     enable: bool = False  # torch.compile the components below (inductor; needs a C++ compiler on CPU)
-    components: list[str] = field(default_factory=lambda: ["model", "loss"])  # of: model (each transformer block, fullgraph), loss
+    # of: model (each transformer block, fullgraph), loss
+    components: list[str] = field(default_factory=lambda: ["model", "loss"])
     backend: str = "inductor"  # torch.compile backend: inductor | aot_eager | eager (the last two for debugging)
 
 
 @dataclass
 class ActivationCheckpointConfig:
     mode: str = "none"  # none | full | selective | memory_budget (memory_budget needs compile)
-    selective_ac_option: str = "op"  # selective mode: "op" (per-op save list) or N as a string/int (checkpoint every N-th block)
-    memory_budget: float = 0.5  # memory_budget mode: fraction of activation memory the compiler may keep (0 = recompute all, 1 = keep all)
+    # selective mode: "op" (per-op save list) or N as a string/int (checkpoint every N-th block)
+    selective_ac_option: str = "op"
+    # memory_budget mode: fraction of activation memory the compiler may keep (0 = recompute all, 1 = keep all)
+    memory_budget: float = 0.5
     preserve_rng_state: bool = False  # restore the RNG state on recompute (only models with dropout need it)
 
 
@@ -86,7 +99,9 @@ class ProfilingConfig:
 @dataclass
 class DataConfig:
     name: str = "embedded"  # preset name (informational)
-    path: str = "embedded"  # embedded | an HF hub id | a local directory laid out like one | local (builder from file extension) | json | parquet | text
+    # embedded | an HF hub id | a local directory laid out like one | local (builder from file extension) | json |
+    # parquet | text
+    path: str = "embedded"
     config_name: str = ""  # HF dataset config (subset), e.g. "en"; "" = none
     data_files: list[str] = field(default_factory=list)  # paths or globs, relative to `path` when it is a directory
     split: str = "train"  # HF split to read
@@ -113,11 +128,16 @@ class ClusterConfig:
     qos: str = ""  # quality of service; "" = the default
     constraint: str = ""  # required node features, e.g. "h100"; "" = any node of the partition
     timeout_min: int = 240  # time limit of one attempt in minutes; a requeued attempt gets the same again
-    max_num_timeout: int = 3  # requeues allowed after a time limit (and counted preemptions); each resumes from the latest checkpoint
-    signal_delay_s: int = 120  # SIGUSR2 comes this many seconds before the time limit: finish the step, checkpoint, requeue
-    setup: list[str] = field(default_factory=list)  # shell lines run before the tasks start, e.g. "module load cuda/12.4"
-    extra_sbatch: dict[str, Any] = field(default_factory=dict)  # more sbatch options, e.g. {mail-type: END}, true = bare flag; CLI: +cluster.extra_sbatch.mail-type=END
-    blocking: bool = True  # wait for the jobs and report how they ended; false = print job ids and log paths, then return
+    # requeues allowed after a time limit (and counted preemptions); each resumes from the latest checkpoint
+    max_num_timeout: int = 3
+    # SIGUSR2 comes this many seconds before the time limit: finish the step, checkpoint, requeue
+    signal_delay_s: int = 120
+    # shell lines run before the tasks start, e.g. "module load cuda/12.4"
+    setup: list[str] = field(default_factory=list)
+    # more sbatch options, e.g. {mail-type: END}, true = bare flag; CLI: +cluster.extra_sbatch.mail-type=END
+    extra_sbatch: dict[str, Any] = field(default_factory=dict)
+    # wait for the jobs and report how they ended; false = print job ids and log paths, then return
+    blocking: bool = True
 
 
 @dataclass
@@ -149,10 +169,14 @@ class TrainingConfig:
     seed: int = 0  # seed for weight init
     deterministic: bool = False  # use deterministic algorithms (bitwise-repeatable on CPU)
     gc_freq: int = 50  # run Python's garbage collector every this many steps, not at random pauses; 0 = automatic
-    dtype: str = "float32"  # float32 | bfloat16: dtype the parameters and optimizer state are stored in; bfloat16 = full-bf16 training (no fp32 master weights)
-    mixed_precision_param: str = "auto"  # auto | bfloat16 | float32: compute dtype of params (auto: bf16 on CUDA, fp32 on CPU)
+    # float32 | bfloat16: dtype the parameters and optimizer state are stored in; bfloat16 = full-bf16 training (no fp32
+    # master weights)
+    dtype: str = "float32"
+    # auto | bfloat16 | float32: compute dtype of params (auto: bf16 on CUDA, fp32 on CPU)
+    mixed_precision_param: str = "auto"
     mixed_precision_reduce: str = "float32"  # float32 | bfloat16: gradient reduce dtype
-    on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient norm: stop (exit 3, nothing saved of that step) | skip (drop that step's update)
+    # a NaN/Inf loss or gradient norm: stop (exit 3, nothing saved of that step) | skip (drop that step's update)
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -161,21 +185,30 @@ class CheckpointConfig:
     folder: str = "checkpoint"  # inside the run directory
     interval: int = 500  # save every this many steps (and at the last step)
     keep_latest_k: int = 10  # keep this many newest checkpoints; 0 = keep all
-    async_mode: str = "disabled"  # disabled | async (written by a background thread while training goes on) | async_with_pinned_mem (CUDA: staged through pinned memory)
-    on_save_error: str = "stop"  # a save that fails (disk full, permissions): stop (exit 3) | continue (keep training, retry at the next interval)
+    # disabled | async (written by a background thread while training goes on) | async_with_pinned_mem (CUDA: staged
+    # through pinned memory)
+    async_mode: str = "disabled"
+    # a save that fails (disk full, permissions): stop (exit 3) | continue (keep training, retry at the next interval)
+    on_save_error: str = "stop"
     load_step: int = -1  # resume from this step; -1 = the latest complete checkpoint
-    exclude_from_loading: list[str] = field(default_factory=list)  # of: optimizer, lr_scheduler, dataloader, train_state
+    # of: optimizer, lr_scheduler, dataloader, train_state
+    exclude_from_loading: list[str] = field(default_factory=list)
     last_save_model_only: bool = False  # the final checkpoint holds model weights only (for inference/export)
-    create_seed_checkpoint: bool = False  # write step-0 (initial weights) and exit; run with all degrees 1 on one process
+    # write step-0 (initial weights) and exit; run with all degrees 1 on one process
+    create_seed_checkpoint: bool = False
     export_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of a model-only final checkpoint
-    initial_load_path: str = ""  # a fresh run (no checkpoint of its own yet) starts from this checkpoint: a DCP step directory, or an HF model directory with initial_load_in_hf
-    initial_load_model_only: bool = True  # from initial_load_path take the model weights only (not optimizer, schedule, data position)
+    # a fresh run (no checkpoint of its own yet) starts from this checkpoint: a DCP step directory, or an HF model
+    # directory with initial_load_in_hf
+    initial_load_path: str = ""
+    # from initial_load_path take the model weights only (not optimizer, schedule, data position)
+    initial_load_model_only: bool = True
     initial_load_in_hf: bool = False  # initial_load_path is an HF model directory (safetensors + config.json)
 
 
 @dataclass
 class CommConfig:
-    init_timeout_seconds: int = 300  # collectives' timeout until the first step is done (set-up, checkpoint load, compile)
+    # collectives' timeout until the first step is done (set-up, checkpoint load, compile)
+    init_timeout_seconds: int = 300
     train_timeout_seconds: int = 100  # collectives' timeout from then on: a dead or hung rank ends the run this fast
 
 
@@ -204,7 +237,8 @@ class JobConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     comm: CommConfig = field(default_factory=CommConfig)
-    dry_run: bool = False  # build everything on a fake process group at the full world size, print per-rank memory, exit
+    # build everything on a fake process group at the full world size, print per-rank memory, exit
+    dry_run: bool = False
 
     @property
     def world_size(self) -> int:

@@ -59,7 +59,8 @@ def validate(job: JobConfig) -> None:
         check_positive(f"training.{key}", getattr(t, key))
     check_positive("training.gc_freq", t.gc_freq, allow_zero=True)
     if math.isnan(t.max_norm):
-        raise ConfigError("training.max_norm=nan is not a number. Fix: e.g. training.max_norm=1.0 (<= 0 disables clipping).")
+        raise ConfigError("training.max_norm=nan is not a number. Fix: e.g. training.max_norm=1.0 (<= 0 disables "
+                          "clipping).")
     per_step = t.local_batch_size * dims.dp
     if t.global_batch_size == -1:
         t.global_batch_size = per_step
@@ -101,7 +102,9 @@ def validate(job: JobConfig) -> None:
     if c.load_step < -1:
         raise ConfigError(f"checkpoint.load_step={c.load_step} must be -1 (latest) or a step. Fix: use -1.")
     for item in c.exclude_from_loading:
-        check_choice("checkpoint.exclude_from_loading", item, ("optimizer", "lr_scheduler", "dataloader", "train_state"))
+        check_choice(
+            "checkpoint.exclude_from_loading", item, ("optimizer", "lr_scheduler", "dataloader", "train_state")
+        )
     check_choice("checkpoint.export_dtype", c.export_dtype, ("float32", "bfloat16", "float16"))
     check_choice("checkpoint.async_mode", c.async_mode, ("disabled", "async", "async_with_pinned_mem"))
     check_choice("checkpoint.on_save_error", c.on_save_error, ("stop", "continue"))
@@ -124,18 +127,31 @@ def validate(job: JobConfig) -> None:
         )
     check_positive("metrics.log_freq", job.metrics.log_freq)
     if "/" in job.job.name or job.job.name in ("", ".", ".."):
-        raise ConfigError(f"job.name={job.job.name!r} must be a non-empty name without '/' (and not . or ..). Fix: e.g. job.name=my_run.")
+        raise ConfigError(
+            f"job.name={job.job.name!r} must be a non-empty name without '/' (and not . or ..). Fix: "
+            "e.g. job.name=my_run."
+        )
     if not job.job.dump_folder:
-        raise ConfigError("job.dump_folder='' is empty. Fix: e.g. job.dump_folder=outputs (the root of all run directories).")
+        raise ConfigError(
+            "job.dump_folder='' is empty. Fix: e.g. job.dump_folder=outputs (the root of all run directories)."
+        )
     if not job.dry_run:  # a dry run reads no data
         validate_data(job.data)
 
 
 # sbatch options that cluster.* keys set; extra_sbatch must not set them a second time
 _SBATCH_OPTIONS_OF_KEYS = {
-    "nodes": "nodes", "ntasks-per-node": "nproc_per_node", "gpus-per-node": "gpus_per_node",
-    "cpus-per-task": "cpus_per_task", "mem": "mem_gb", "partition": "partition", "account": "account",
-    "qos": "qos", "constraint": "constraint", "time": "timeout_min", "signal": "signal_delay_s",
+    "nodes": "nodes",
+    "ntasks-per-node": "nproc_per_node",
+    "gpus-per-node": "gpus_per_node",
+    "cpus-per-task": "cpus_per_task",
+    "mem": "mem_gb",
+    "partition": "partition",
+    "account": "account",
+    "qos": "qos",
+    "constraint": "constraint",
+    "time": "timeout_min",
+    "signal": "signal_delay_s",
 }
 
 

@@ -149,7 +149,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     """A tokenizer.json, a sentencepiece .model, or a directory holding one (tokenizer.json preferred)."""
     path = os.path.expanduser(path)
     if not os.path.exists(path):
-        raise ConfigError(f"tokenizer path {path} does not exist. Fix: check data.tokenizer_path / model.hf_assets_path.")
+        raise ConfigError(f"tokenizer path {path} does not exist. Fix: check data.tokenizer_path / "
+                          "model.hf_assets_path.")
     if os.path.isdir(path):
         for name in ("tokenizer.json", "tokenizer.model"):
             if os.path.isfile(os.path.join(path, name)):

@@ -69,14 +69,19 @@ class _ExpertExchange:
         if self.ep_group is not None:
             x, counts = self._send_to_experts(x, counts)
         if self.tp_mesh is not None:  # forward: as is; backward: sum the tp ranks' partial input gradients
-            x = DTensor.from_local(x, self.tp_mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
+            x = DTensor.from_local(x, self.tp_mesh, (Replicate(),), run_check=False).to_local(
+                grad_placements=(Partial(),)
+            )
         return x, counts
 
     @torch.compiler.disable
     def combine(self, module: nn.Module, out: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
         if self.tp_mesh is not None:  # each tp rank holds a partial sum over its hidden units
-            out = DTensor.from_local(out, self.tp_mesh, (Partial(),), run_check=False).redistribute(
-                placements=(Replicate(),)).to_local()
+            out = (
+                DTensor.from_local(out, self.tp_mesh, (Partial(),), run_check=False)
+                .redistribute(placements=(Replicate(),))
+                .to_local()
+            )
         if self.ep_group is not None:
             out = self._return_from_experts(out)
         return out
@@ -88,8 +93,9 @@ class _ExpertExchange:
         dist.all_to_all_single(received, counts, group=self.ep_group)
         send_splits = counts.view(ep, n_local).sum(1).tolist()
         recv_splits = received.view(ep, n_local).sum(1).tolist()
-        x = all_to_all_single(x.new_empty(sum(recv_splits), x.shape[1]), x.contiguous(), recv_splits, send_splits,
-                              group=self.ep_group)
+        x = all_to_all_single(
+            x.new_empty(sum(recv_splits), x.shape[1]), x.contiguous(), recv_splits, send_splits, group=self.ep_group
+        )
         # rows arrive grouped by (source, local expert); the experts want them grouped by local expert
         expert_of_row = torch.arange(n_local, device=x.device).repeat(ep).repeat_interleave(received)
         order = torch.argsort(expert_of_row, stable=True)
@@ -99,8 +105,9 @@ class _ExpertExchange:
     def _return_from_experts(self, out: torch.Tensor) -> torch.Tensor:
         order, send_splits, recv_splits = self.plans.pop()
         unsorted = torch.empty_like(out).index_copy(0, order, out)  # back to (source, local expert) order
-        return all_to_all_single(out.new_empty(sum(send_splits), out.shape[1]), unsorted, send_splits, recv_splits,
-                                 group=self.ep_group)
+        return all_to_all_single(
+            out.new_empty(sum(send_splits), out.shape[1]), unsorted, send_splits, recv_splits, group=self.ep_group
+        )
 
 
 def _tp_replicated(module: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -123,19 +130,33 @@ def apply_moe_parallel(moe: nn.Module, dims: ParallelDims) -> None:
         return
     if tp_mesh is not None:
         # the layer sees whole sequences: gather the sequence-parallel input, hand back this rank's shard
-        parallelize_module(moe, tp_mesh, PrepareModuleInputOutput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-            output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True,
-        ))
+        parallelize_module(
+            moe,
+            tp_mesh,
+            PrepareModuleInputOutput(
+                input_layouts=(Shard(1),),
+                desired_input_layouts=(Replicate(),),
+                use_local_input=True,
+                output_layouts=(Replicate(),),
+                desired_output_layouts=(Shard(1),),
+                use_local_output=True,
+            ),
+        )
         _tp_replicated(moe.router.gate, tp_mesh)
         if moe.shared_experts is not None:
             exchange = _ExpertExchange(None, tp_mesh)
-            distribute_module(moe.shared_experts, tp_mesh, _expert_partition(ep=False, tp=True),
-                              exchange.dispatch, exchange.combine)
+            distribute_module(
+                moe.shared_experts, tp_mesh, _expert_partition(ep=False, tp=True), exchange.dispatch, exchange.combine
+            )
     experts_mesh = dims.mesh("ep_tp") if (ep_mesh is not None and tp_mesh is not None) else ep_mesh or tp_mesh
     exchange = _ExpertExchange(ep_mesh, tp_mesh)
-    distribute_module(moe.experts, experts_mesh, _expert_partition(ep=ep_mesh is not None, tp=tp_mesh is not None),
-                      exchange.dispatch, exchange.combine)
+    distribute_module(
+        moe.experts,
+        experts_mesh,
+        _expert_partition(ep=ep_mesh is not None, tp=tp_mesh is not None),
+        exchange.dispatch,
+        exchange.combine,
+    )
 
 
 def shard_experts(blocks: list[nn.Module], dims: ParallelDims, job: JobConfig) -> None:
@@ -156,8 +177,13 @@ def shard_experts(blocks: list[nn.Module], dims: ParallelDims, job: JobConfig) -
         # FSDP shards dim 0 (experts) unless there are fewer local experts than FSDP ranks
         shard_dim = 0 if n_local % mesh.size(mesh.ndim - 1) == 0 else 1
         experts = moe.experts
-        fully_shard(experts, mesh=mesh, reshard_after_forward=options.reshard(i, len(blocks)),
-                    mp_policy=options.mp_policy, shard_placement_fn=lambda p, d=shard_dim: Shard(d))
+        fully_shard(
+            experts,
+            mesh=mesh,
+            reshard_after_forward=options.reshard(i, len(blocks)),
+            mp_policy=options.mp_policy,
+            shard_placement_fn=lambda p, d=shard_dim: Shard(d),
+        )
         # every data rank's tokens reached these experts: average over all of them, not over the expert FSDP ranks
         experts.set_gradient_divide_factor(float(dims.dp_replicate * dims.dp_shard * dims.cp))
         # gloo has no pre-multiplied sum: reduce with SUM, then divide. (Not on a mesh of one rank: there

@@ -73,6 +73,11 @@ def apply_fsdp(
 ) -> None:
     options = fsdp_unit_options(mesh, training, parallelism)
     for i, block in enumerate(blocks):
-        fully_shard(block, mesh=mesh, mp_policy=options.mp_policy, reshard_after_forward=options.reshard(i, len(blocks)),
-                    shard_placement_fn=options.placement(mesh))
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=options.mp_policy,
+            reshard_after_forward=options.reshard(i, len(blocks)),
+            shard_placement_fn=options.placement(mesh),
+        )
     fully_shard(model, mesh=mesh, mp_policy=options.mp_policy, reshard_after_forward=options.policy == "always")

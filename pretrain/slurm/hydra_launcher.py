@@ -23,7 +23,8 @@ from pretrain.slurm.submission import submit_points
 
 def launch_points(config_loader: Any, config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[JobReturn]:
     points = hydra_points(config_loader, config, job_overrides)
-    if points and all(p.job is not None and p.job.dry_run for p in points):  # checked here at full scale, nothing is queued
+    # checked here at full scale, nothing is queued
+    if points and all(p.job is not None and p.job.dry_run for p in points):
         from pretrain.dry_run import dry_run
 
         for p in points:

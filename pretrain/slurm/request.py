@@ -91,7 +91,9 @@ def check_request(c: ClusterConfig) -> None:
             ["sbatch", "--test-only", *flags, "--wrap", "true"], capture_output=True, text=True, timeout=60
         )
     except subprocess.TimeoutExpired:
-        raise ConfigError("sbatch --test-only did not answer in 60 s. Fix: check the cluster (`sinfo`, `squeue`).") from None
+        raise ConfigError(
+            "sbatch --test-only did not answer in 60 s. Fix: check the cluster (`sinfo`, `squeue`)."
+        ) from None
     if out.returncode != 0:
         reason = " ".join(line.strip() for line in (out.stderr + out.stdout).splitlines() if line.strip())
         raise ConfigError(

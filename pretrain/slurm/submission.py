@@ -73,7 +73,9 @@ def submit_points(points: Sequence[Point], sweep_dir: str, is_sweep: bool) -> in
     try:
         jobs = _submit(valid, submission_dir, code_dir)
     except Exception as e:  # sbatch itself refused (the dry run passed, so the cluster changed meanwhile)
-        print(f"error: submission failed: {e}\nFix: see `squeue --me` for anything queued, then retry.", file=sys.stderr)
+        print(
+            f"error: submission failed: {e}\nFix: see `squeue --me` for anything queued, then retry.", file=sys.stderr
+        )
         return 2
     for p, job in zip(valid, jobs):
         p.extra.update(job_id=job.job_id, stdout=_log_path(job, "stdout"), stderr=_log_path(job, "stderr"))
@@ -145,7 +147,10 @@ def _print_submitted(valid: Sequence[Point], jobs: list, submission_dir: str, is
         print(f"  job {job.job_id}  {name}-> {_show(p.run_dir)}")
         print(f"      log: {_show(_log_path(job, 'stdout'))}  (errors: {_show(_log_path(job, 'stderr'))})")
     ids = sorted({job.job_id.split("_")[0] for job in jobs})
-    print(f"follow: squeue -j {','.join(ids)}  |  tail -f {_show(_log_path(jobs[0], 'stdout'))}  |  sacct -j {','.join(ids)}")
+    print(
+        f"follow: squeue -j {','.join(ids)}  |  tail -f {_show(_log_path(jobs[0], 'stdout'))}  |  sacct -j "
+        f"{','.join(ids)}"
+    )
     print(f"cancel: scancel {' '.join(ids)}")
 
 
@@ -195,10 +200,17 @@ def job_outcome(job: Any, num_tasks: int) -> tuple[str, str]:
         return "completed", ""
     if errors:
         task, trace = errors[0]
-        return "failed", f"task {task} raised:\n{describe_trace(trace)}\nlog: {_show(str(_task_paths(job, task).stderr))}"
+        return (
+            "failed",
+            f"task {task} raised:\n{describe_trace(trace)}\nlog: {_show(str(_task_paths(job, task).stderr))}",
+        )
     task = silent[0]
     log = str(_task_paths(job, task).stderr)
-    tail = subprocess.run(["tail", f"-{TRACE_LINES}", log], capture_output=True, text=True).stdout if os.path.exists(log) else ""
+    tail = (
+        subprocess.run(["tail", f"-{TRACE_LINES}", log], capture_output=True, text=True).stdout
+        if os.path.exists(log)
+        else ""
+    )
     return "failed", (
         f"SLURM state {job.state}; task(s) {silent} returned no result. End of {_show(log)}:\n{tail.rstrip()}"
     )

@@ -8,7 +8,8 @@
 
     python sweeps/bench/bench_features_cpu.py
     python sweeps/bench/bench_features_cpu.py --seq-len 256 --batch 8 --steps 30 --warmup 5
-    python sweeps/bench/bench_features_cpu.py --only eager --float8-steps 0          # a subset (substring of the point name)
+    # a subset (substring of the point name)
+    python sweeps/bench/bench_features_cpu.py --only eager --float8-steps 0
     python sweeps/bench/bench_features_cpu.py --seq-len 32 --batch 2 --steps 4 --warmup 2 --float8-steps 3 --only none
 
 tokens/s: steady state, from metrics.jsonl between the logged step `--warmup` and the last one

@@ -18,7 +18,8 @@ On the GPU machine (the wheels come from sweeps/bench/gpu_wheels.sh, run where t
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
     python3 sweeps/bench/bench_gpu.py                                    # all points, then torchtitan
     python3 sweeps/bench/bench_gpu.py --points eager,compile --no-torchtitan
-    python3 sweeps/bench/bench_gpu.py --dry                              # print the commands (and torchtitan's config module)
+    # print the commands (and torchtitan's config module)
+    python3 sweeps/bench/bench_gpu.py --dry
 Here, without a GPU:
     python sweeps/bench/bench_gpu.py --cpu-smoke                         # the pretrain points: debug model, CPU, fp32
 """

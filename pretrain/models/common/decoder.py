@@ -22,7 +22,8 @@ from pretrain.models.common.rope import precompute_freqs_cis
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x); hidden size model.ffn_hidden_dim, or 2/3 * 4D scaled and rounded up to multiple_of."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); hidden size model.ffn_hidden_dim, or 2/3 * 4D scaled and rounded up to
+    multiple_of."""
 
     def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()

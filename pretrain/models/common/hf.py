@@ -102,7 +102,9 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.T
 
 
 def _is_rotated(key: str) -> bool:
-    return key.endswith(("attention.wq.weight", "attention.wk.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight"))
+    return key.endswith(
+        ("attention.wq.weight", "attention.wk.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight")
+    )
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -190,10 +192,15 @@ def config_mismatches(hf: dict, cfg: ModelConfig) -> list[str]:
     transformers 4 (rope_theta + rope_scaling) and 5 (rope_parameters)."""
     ours = hf_config(cfg)
     checks = [  # (our key, HF key)
-        ("dim", "hidden_size"), ("n_layers", "num_hidden_layers"), ("n_heads", "num_attention_heads"),
-        ("n_kv_heads", "num_key_value_heads"), ("vocab_size", "vocab_size"),
-        ("multiple_of / ffn_dim_multiplier", "intermediate_size"), ("tie_word_embeddings", "tie_word_embeddings"),
-        ("norm_eps", "rms_norm_eps"), ("dim / n_heads", "head_dim"),
+        ("dim", "hidden_size"),
+        ("n_layers", "num_hidden_layers"),
+        ("n_heads", "num_attention_heads"),
+        ("n_kv_heads", "num_key_value_heads"),
+        ("vocab_size", "vocab_size"),
+        ("multiple_of / ffn_dim_multiplier", "intermediate_size"),
+        ("tie_word_embeddings", "tie_word_embeddings"),
+        ("norm_eps", "rms_norm_eps"),
+        ("dim / n_heads", "head_dim"),
     ]
     theirs = dict(hf)
     theirs.setdefault("num_key_value_heads", theirs.get("num_attention_heads"))
@@ -216,9 +223,14 @@ def config_mismatches(hf: dict, cfg: ModelConfig) -> list[str]:
         kind = rope.get("rope_type", rope.get("type", "default"))
         problems.append(f"model.rope_scaling={cfg.rope_scaling} but config.json's rope type is {kind!r}")
     elif scaled:
-        for our_key, hf_key in (("rope_scaling_factor", "factor"), ("rope_low_freq_factor", "low_freq_factor"),
-                                ("rope_high_freq_factor", "high_freq_factor"),
-                                ("rope_original_max_seq_len", "original_max_position_embeddings")):
+        for our_key, hf_key in (
+            ("rope_scaling_factor", "factor"),
+            ("rope_low_freq_factor", "low_freq_factor"),
+            ("rope_high_freq_factor", "high_freq_factor"),
+            ("rope_original_max_seq_len", "original_max_position_embeddings"),
+        ):
             if float(rope.get(hf_key, float("nan"))) != float(getattr(cfg, our_key)):
-                problems.append(f"model.{our_key}={getattr(cfg, our_key)} but config.json has {hf_key}={rope.get(hf_key)}")
+                problems.append(
+                    f"model.{our_key}={getattr(cfg, our_key)} but config.json has {hf_key}={rope.get(hf_key)}"
+                )
     return problems

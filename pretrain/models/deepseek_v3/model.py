@@ -155,4 +155,5 @@ class Transformer(Decoder):
 def params_and_flops(model: nn.Module, cfg: ModelConfig, seq_len: int) -> tuple[int, float]:
     """MoE layers count their top-k routed experts only; attention scores use N + R wide q/k, values V."""
     a = cfg.mla
-    return decoder_flops(model, cfg, seq_len, qk_head_dim=a.qk_nope_head_dim + a.qk_rope_head_dim, v_head_dim=a.v_head_dim)
+    qk_head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
+    return decoder_flops(model, cfg, seq_len, qk_head_dim=qk_head_dim, v_head_dim=a.v_head_dim)

@@ -1,6 +1,7 @@
 """How DeepSeek-V3 is parallelized: the tensor-parallel plan of multi-head latent attention (and of the
-dense SwiGLU blocks, Llama's). The order (TP, MoE parallelism, CP, AC, compile, FSDP) and the MoE layers'
-tensor and expert parallelism are shared by every decoder family (pretrain/distributed/parallelize.py, which applies the plan below).
+dense SwiGLU blocks, the common decoder's). The order (TP, MoE parallelism, CP, AC, compile, FSDP) and the MoE
+layers' tensor and expert parallelism are shared by every decoder family: pretrain/distributed/parallelize.py
+applies the plan below with them.
 
 MLA under TP: the up-projections that make heads (wq or wq_b, wkv_b) are column-parallel and wo is
 row-parallel, so each rank holds H / tp whole heads. The low-rank down-projections (wq_a, wkv_a) and the
@@ -43,8 +44,10 @@ class ReplicateOnTP(ParallelStyle):
 
     @staticmethod
     def _input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
-        return tuple(x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
-                     for x in inputs)
+        return tuple(
+            x if isinstance(x, DTensor) else DTensor.from_local(x, mesh, (Replicate(),), run_check=False)
+            for x in inputs
+        )
 
     def _output(self, module: nn.Module, out: DTensor, mesh: DeviceMesh) -> torch.Tensor:
         n = self.sum_grad_of_last
@@ -72,8 +75,9 @@ def tp_plan_attention(block: nn.Module, colwise: type, rowwise: type, prepare_in
         "attention.wo": rowwise(output_layouts=Shard(1)),
     }
     if attention.q_lora_rank:
-        plan.update({"attention.wq_a": ReplicateOnTP(), "attention.q_norm": ReplicateOnTP(),
-                     "attention.wq_b": colwise()})
+        plan.update(
+            {"attention.wq_a": ReplicateOnTP(), "attention.q_norm": ReplicateOnTP(), "attention.wq_b": colwise()}
+        )
     else:
         plan["attention.wq"] = colwise()
     return plan
@@ -81,5 +85,7 @@ def tp_plan_attention(block: nn.Module, colwise: type, rowwise: type, prepare_in
 
 def tp_plan_block(block: nn.Module, colwise: type, rowwise: type, prepare_input: type) -> dict:
     """Attention as above; the feed-forward as in every family (Llama's SwiGLU plan in a dense block)."""
-    return {**tp_plan_attention(block, colwise, rowwise, prepare_input),
-            **tp_plan_ffn(block, colwise, rowwise, prepare_input)}
+    return {
+        **tp_plan_attention(block, colwise, rowwise, prepare_input),
+        **tp_plan_ffn(block, colwise, rowwise, prepare_input),
+    }
