@@ -1,12 +1,16 @@
-"""Shared test helpers: compose configs in-process, run launch.py as a user would, read metrics, compare
-our logits with transformers'."""
+"""Shared test helpers: compose configs in-process, run launch.py as a user would, run a function on
+several gloo ranks, read metrics, compare our logits with transformers'."""
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +53,19 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
+# The test being set up or run, and whether it is marked slow (kept current by conftest.py; None outside
+# pytest). Starting processes costs seconds on 2 cores, so only tests marked slow may do it.
+running_test: tuple[str, bool] | None = None
+
+
+def require_slow_mark(what: str) -> None:
+    if running_test is not None and not running_test[1]:
+        raise AssertionError(f"{running_test[0]} {what} but is not marked slow: add @pytest.mark.slow to it")
+
+
 def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python launch.py ARGS` in `cwd`, with output captured."""
+    require_slow_mark("runs launch.py")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(REPO / "launch.py"), *args],
@@ -60,6 +75,44 @@ def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | Non
         timeout=timeout,
         env=full_env,
     )
+
+
+def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 600) -> list:
+    """`fn(rank, world_size, *args)` on `world_size` spawned processes that share one gloo process group
+    (a FileStore in a temporary directory); returns what fn returned, by rank. A rank that raises fails
+    the call with its traceback, and the other ranks are stopped. fn must be defined at module level and
+    args picklable (spawn sends them to fresh interpreters)."""
+    import torch.multiprocessing as mp
+
+    require_slow_mark("starts processes")
+    with tempfile.TemporaryDirectory(prefix="gloo_ranks_") as tmp:
+        ranks = mp.start_processes(_rank_main, args=(fn, world_size, tmp, args), nprocs=world_size, join=False)
+        deadline = time.monotonic() + timeout
+        while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for process in ranks.processes:
+                    process.kill()
+                raise TimeoutError(f"{fn.__name__} on {world_size} ranks took more than {timeout} s")
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"result_{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+def _rank_main(rank: int, fn: Callable, world_size: int, tmp: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    store = dist.FileStore(os.path.join(tmp, "store"), world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+    try:
+        result = fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(tmp, f"result_{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -1,15 +1,12 @@
-"""Run under torch.distributed.run (gloo, CPU): a small decoder whose feed-forwards are MoE layers, trained
-3 AdamW steps in each parallel layout named on the command line, compared with the same model trained in
-this process on the whole batch. Prints one line per layout: `layout <name> ok <max rel loss diff> <max rel
-grad diff>`, or raises.
-
-    python -m torch.distributed.run --nproc_per_node 4 tests/moe_parallel_worker.py ep4 fsdp2_ep2_tp2
+"""Run on gloo ranks by tests/test_expert_parallel.py (helpers.run_on_ranks): a small decoder whose
+feed-forwards are MoE layers, trained 3 AdamW steps in each parallel layout named, compared with the same
+model trained in the rank's own process on the whole batch. Returns one line per layout: `layout <name> ok
+<max rel loss diff> <max rel grad diff>`, or raises.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 
 import torch
 import torch.distributed as dist
@@ -119,18 +116,9 @@ def run_layout(name: str, reference: nn.Module, batches) -> str:
     return f"layout {name} ok {loss_diff:.2e} {grad_diff:.2e}"
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    torch.set_num_threads(1)
+def check_layouts(rank: int, world_size: int, layouts: list[str]) -> list[str]:
+    """Each layout in turn on this rank of a gloo group of world_size ranks."""
     reference = build_model()
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 64, (B, T + 1), generator=g) for _ in range(STEPS)]
-    for name in sys.argv[1:]:
-        line = run_layout(name, reference, batches)
-        if dist.get_rank() == 0:
-            print(line, flush=True)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    return [run_layout(name, reference, batches) for name in layouts]

@@ -9,6 +9,8 @@ import shutil
 import pytest
 from helpers import TINY, aim_metric, read_metrics, run_launch
 
+pytestmark = pytest.mark.slow  # every test here reads runs launched through launch.py
+
 RUN = [*TINY, "training.steps=20", "checkpoint.interval=5", "metrics.enable_aim=true"]
 
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TINY, losses, run_launch
+from helpers import TINY, losses, run_launch, run_on_ranks
 
 from pretrain.config import CompileConfig
 from pretrain.loss import build_loss_fn, cross_entropy_sum
@@ -154,36 +153,31 @@ def test_full_checkpointing_stays_eager_around_the_compiled_block():
     assert results["full", True][2] == results["full", False][2]  # the checkpoint keeps only block inputs
 
 
-def _loss_parallel_worker(rank: int, world_size: int, store_path: str) -> None:
-    import torch.distributed as dist
+def _loss_parallel_worker(rank: int, world_size: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    try:
-        mesh = init_device_mesh("cpu", (world_size,))
-        logits, labels = _logits_and_labels()
-        ref = logits.clone().requires_grad_(True)
-        ref_loss = cross_entropy_sum(ref, labels)
-        ref_loss.backward()
+    mesh = init_device_mesh("cpu", (world_size,))
+    logits, labels = _logits_and_labels()
+    ref = logits.clone().requires_grad_(True)
+    ref_loss = cross_entropy_sum(ref, labels)
+    ref_loss.backward()
 
-        # what the Trainer builds under TP with loss parallel: compile asked for, yet not applied
-        loss_fn = build_loss_fn(CompileConfig(enable=True, components=["model", "loss"]), loss_parallel=True)
-        assert loss_fn is cross_entropy_sum
-        sharded = distribute_tensor(logits.clone(), mesh, [Shard(-1)]).requires_grad_(True)  # vocab-sharded
-        with loss_parallel():
-            loss = loss_fn(sharded, labels)
-            loss.backward()
-        assert loss.full_tensor().item() == pytest.approx(ref_loss.item(), rel=1e-6)
-        assert torch.allclose(sharded.grad.full_tensor(), ref.grad, rtol=0, atol=1e-7)
-    finally:
-        dist.destroy_process_group()
+    # what the Trainer builds under TP with loss parallel: compile asked for, yet not applied
+    loss_fn = build_loss_fn(CompileConfig(enable=True, components=["model", "loss"]), loss_parallel=True)
+    assert loss_fn is cross_entropy_sum
+    sharded = distribute_tensor(logits.clone(), mesh, [Shard(-1)]).requires_grad_(True)  # vocab-sharded
+    with loss_parallel():
+        loss = loss_fn(sharded, labels)
+        loss.backward()
+    assert loss.full_tensor().item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert torch.allclose(sharded.grad.full_tensor(), ref.grad, rtol=0, atol=1e-7)
 
 
-def test_loss_parallel_is_not_compiled_and_right(tmp_path):
-    mp.spawn(_loss_parallel_worker, args=(2, str(tmp_path / "store")), nprocs=2)
+@pytest.mark.multiprocess
+def test_loss_parallel_is_not_compiled_and_right():
+    run_on_ranks(_loss_parallel_worker, 2)
 
 
 # ---- training runs (launch.py, 2 gloo processes each) --------------------------------------------

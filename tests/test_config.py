@@ -138,6 +138,7 @@ def _snapshot(root):
     return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,key", CLI_BAD, ids=[k for _, k in CLI_BAD])
 def test_cli_bad_input_exits_cleanly_and_writes_nothing(args, key, tmp_path):
     run_dir = tmp_path / "outputs" / "default"
@@ -151,6 +152,7 @@ def test_cli_bad_input_exits_cleanly_and_writes_nothing(args, key, tmp_path):
     assert _snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_help_lists_groups_and_cfg_prints_config(tmp_path):
     proc = run_launch(["--help"], cwd=tmp_path, timeout=120)
     assert proc.returncode == 0

@@ -11,8 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import TINY, losses, run_launch
+from helpers import TINY, losses, run_launch, run_on_ranks
 
 from pretrain.config import ConfigError
 from pretrain.distributed.context_parallel import load_balanced_positions
@@ -42,7 +41,7 @@ def test_load_balanced_positions():
         load_balanced_positions(18, 2, 0)
 
 
-def _attention_worker(rank: int, world_size: int, store_path: str) -> None:
+def _attention_worker(rank: int, world_size: int) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
@@ -56,62 +55,57 @@ def _attention_worker(rank: int, world_size: int, store_path: str) -> None:
     from pretrain.distributed.parallel_dims import ParallelDims
     from pretrain.models.llama3.model import Transformer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    try:
-        group = dist.group.WORLD
-        B, H, T, E = 2, 3, 8 * world_size, 16
-        positions = load_balanced_positions(T, world_size, rank)
-        for dtype, atol in ((torch.float32, ATOL_FP32), (torch.float64, ATOL_FP64)):
-            gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
-            q, k, v, dout = (torch.randn(B, H, T, E, generator=gen, dtype=dtype) for _ in range(4))
-            full = [t.clone().requires_grad_() for t in (q, k, v)]
-            ref = F.scaled_dot_product_attention(*full, is_causal=True)
-            ref.backward(dout)
-            for fn in (allgather_attention, ring_attention):
-                local = [t[:, :, positions].clone().requires_grad_() for t in (q, k, v)]
-                out = fn(*local, group)
-                out.backward(dout[:, :, positions])
-                pairs = {"out": (out, ref)} | {f"d{n}": (a.grad, b.grad) for n, a, b in zip("qkv", local, full)}
-                for name, (got, want) in pairs.items():
-                    err = (got - want[:, :, positions]).abs().max().item()
-                    assert err <= atol, f"{fn.__name__} cp={world_size} rank={rank} {dtype} {name}: {err:.3g}"
+    group = dist.group.WORLD
+    B, H, T, E = 2, 3, 8 * world_size, 16
+    positions = load_balanced_positions(T, world_size, rank)
+    for dtype, atol in ((torch.float32, ATOL_FP32), (torch.float64, ATOL_FP64)):
+        gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+        q, k, v, dout = (torch.randn(B, H, T, E, generator=gen, dtype=dtype) for _ in range(4))
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = F.scaled_dot_product_attention(*full, is_causal=True)
+        ref.backward(dout)
+        for fn in (allgather_attention, ring_attention):
+            local = [t[:, :, positions].clone().requires_grad_() for t in (q, k, v)]
+            out = fn(*local, group)
+            out.backward(dout[:, :, positions])
+            pairs = {"out": (out, ref)} | {f"d{n}": (a.grad, b.grad) for n, a, b in zip("qkv", local, full)}
+            for name, (got, want) in pairs.items():
+                err = (got - want[:, :, positions]).abs().max().item()
+                assert err <= atol, f"{fn.__name__} cp={world_size} rank={rank} {dtype} {name}: {err:.3g}"
 
-        # The whole model: CP (attention op + RoPE rows) vs the same weights without CP.
-        cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32)
-        tokens = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    # The whole model: CP (attention op + RoPE rows) vs the same weights without CP.
+    cfg = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, multiple_of=32)
+    tokens = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    full_model = Transformer(cfg, max_seq_len=T)
+    full_model.init_weights()
+    want = full_model(tokens)[:, positions]
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=world_size, tp=1, pp=1, world_size=world_size)
+    dims.build_mesh("cpu")
+    for method in ("allgather", "ring"):
+        job = SimpleNamespace(
+            parallelism=SimpleNamespace(context_parallel_method=method), training=SimpleNamespace(seq_len=T)
+        )
         torch.manual_seed(0)
-        full_model = Transformer(cfg, max_seq_len=T)
-        full_model.init_weights()
-        want = full_model(tokens)[:, positions]
-        dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=world_size, tp=1, pp=1, world_size=world_size)
-        dims.build_mesh("cpu")
-        for method in ("allgather", "ring"):
-            job = SimpleNamespace(
-                parallelism=SimpleNamespace(context_parallel_method=method), training=SimpleNamespace(seq_len=T)
-            )
-            torch.manual_seed(0)
-            model = Transformer(cfg, max_seq_len=T)
-            model.init_weights()  # CPU order: init, then parallelize
-            apply_context_parallel(model, dims, job)
-            (local_tokens,) = shard_sequence(dims.mesh("cp"), tokens)
-            err = (model(local_tokens) - want).abs().max().item()
-            assert err <= ATOL_MODEL, f"model {method} cp={world_size} rank={rank}: {err:.3g}"
-            weights = {name: t.clone() for name, t in model.state_dict().items()}
-            model.init_weights()  # CUDA order: init after parallelize recomputes the full RoPE table
-            model.load_state_dict(weights)  # (the same weights again; freqs_cis is not in the state dict)
-            assert model.freqs_cis.shape[0] == T
-            err = (model(local_tokens) - want).abs().max().item()
-            assert model.freqs_cis.shape[0] == T // world_size
-            assert err <= ATOL_MODEL, f"model {method} after init_weights cp={world_size} rank={rank}: {err:.3g}"
-    finally:
-        dist.destroy_process_group()
+        model = Transformer(cfg, max_seq_len=T)
+        model.init_weights()  # CPU order: init, then parallelize
+        apply_context_parallel(model, dims, job)
+        (local_tokens,) = shard_sequence(dims.mesh("cp"), tokens)
+        err = (model(local_tokens) - want).abs().max().item()
+        assert err <= ATOL_MODEL, f"model {method} cp={world_size} rank={rank}: {err:.3g}"
+        weights = {name: t.clone() for name, t in model.state_dict().items()}
+        model.init_weights()  # CUDA order: init after parallelize recomputes the full RoPE table
+        model.load_state_dict(weights)  # (the same weights again; freqs_cis is not in the state dict)
+        assert model.freqs_cis.shape[0] == T
+        err = (model(local_tokens) - want).abs().max().item()
+        assert model.freqs_cis.shape[0] == T // world_size
+        assert err <= ATOL_MODEL, f"model {method} after init_weights cp={world_size} rank={rank}: {err:.3g}"
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_attention_and_model_match_full(tmp_path, world_size):
-    mp.spawn(_attention_worker, args=(world_size, str(tmp_path / "store")), nprocs=world_size)
+def test_attention_and_model_match_full(world_size):
+    run_on_ranks(_attention_worker, world_size)
 
 
 # ---- training runs ---------------------------------------------------------------------------------

@@ -125,6 +125,7 @@ def _build_in_subprocess(data: DataConfig, queue) -> None:
     queue.put((tok.encode("Concurrent ranks agree."), os.stat(tok.source).st_ino))
 
 
+@pytest.mark.slow
 def test_ranks_training_at_once_train_once_and_agree(tmp_path):
     texts = [d[:2000] for d in embedded_documents()[:80]]
     write_jsonl_gz(str(tmp_path / "docs.jsonl.gz"), texts)
@@ -246,6 +247,7 @@ def test_local_files_explicit_builder_and_wrong_field(tmp_path, tokenizer):
         TokenWindowLoader(wrong_field, tokenizer, SEQ_LEN, 1, 1).next_step()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_says_so_and_suggests_a_local_directory(tmp_path):
     script = (
         "from pretrain.config import ConfigError, DataConfig\n"
@@ -337,6 +339,7 @@ def test_state_saved_before_the_first_step_and_empty_data(tmp_path, tokenizer, e
 # -- hub downloads ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_download_offline_exits_1_with_one_line_and_hides_the_token(tmp_path):
     secret = "hf_DoNotPrintThis0123456789"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), HF_HUB_ETAG_TIMEOUT="2", HF_TOKEN=secret)

@@ -24,7 +24,17 @@ import re
 
 import pytest
 import torch
-from helpers import LOGIT_TOL, LOSS_RTOL, assert_logits_close, compose, logits, losses, relative_error, run_launch
+from helpers import (
+    LOGIT_TOL,
+    LOSS_RTOL,
+    assert_logits_close,
+    compose,
+    logits,
+    losses,
+    relative_error,
+    run_launch,
+    run_on_ranks,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -312,6 +322,7 @@ def test_flavors_compose_with_their_published_dims():
 
 
 # ----------------------------------------------------------------------------- at scale and in parallel
+@pytest.mark.slow
 def test_671b_dry_run_at_256_ranks(tmp_path):
     proc = run_launch(["model=deepseek_v3_671b", "parallelism=fsdp", "cluster.nproc_per_node=8", "cluster.nodes=32",
                        "training.seq_len=4096", "training.local_batch_size=1", "dry_run=true"],
@@ -328,15 +339,12 @@ def test_671b_dry_run_at_256_ranks(tmp_path):
     assert total / 256 <= local <= 1.01 * ((total - shared) / 256 + shared), local
 
 
-def _tp_worker(rank: int, store: str, out: str) -> None:
+def _tp_worker(rank: int, world_size: int) -> dict[str, float]:
     """One of 2 gloo ranks: the debug flavor (and its dense MLA-only variant) under tp=2 vs unsharded, on
-    the same batch; writes each parameter's relative gradient error."""
-    import torch.distributed as dist
-
+    the same batch; returns each parameter's relative gradient error."""
     from pretrain.distributed.parallel_dims import ParallelDims
+    from pretrain.distributed.parallelize import parallelize_decoder
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     errors = {}
     for name, extra in (("moe_q96", []), ("dense_q0", ["model.moe.n_routed_experts=0", "model.mla.q_lora_rank=0"])):
         job = resolve(compose(["model=deepseek_v3_debug", *extra, "parallelism=tp", "cluster.nproc_per_node=2",
@@ -347,28 +355,21 @@ def _tp_worker(rank: int, store: str, out: str) -> None:
         reference.init_weights()
         model = SPEC.build_model(job.model, 32)
         model.load_state_dict(reference.state_dict())
-        dims = ParallelDims.from_config(job.parallelism, 2)
+        dims = ParallelDims.from_config(job.parallelism, world_size)
         dims.build_mesh("cpu")
-        model = SPEC.parallelize(model, dims, job)
+        model = parallelize_decoder(model, dims, job, SPEC.tp_plan_block)
         batch = torch.randint(0, job.model.vocab_size, (2, 33), generator=torch.Generator().manual_seed(1))
         for m in (reference, model):
             torch.nn.functional.cross_entropy(m(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
         for (key, p), ref in zip(model.named_parameters(), reference.parameters()):
             grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             errors[f"{name}:{key}"] = ((grad - ref.grad).abs().max() / ref.grad.abs().max()).item()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(errors, f)
-    dist.destroy_process_group()
+    return errors
 
 
 @pytest.mark.multiprocess
-def test_tensor_parallel_gradients_match_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    out = tmp_path / "errors.json"
-    mp.spawn(_tp_worker, args=(str(tmp_path / "store"), str(out)), nprocs=2)
-    errors = json.loads(out.read_text())
+def test_tensor_parallel_gradients_match_one_process():
+    errors, _ = run_on_ranks(_tp_worker, 2)
     assert any(k.endswith("attention.wkv_a.weight") for k in errors) and any(".wq_b." in k for k in errors)
     bad = {k: v for k, v in errors.items() if not v <= GRAD_TOL}
     assert not bad, bad

@@ -21,6 +21,7 @@ def test_every_recipe_is_covered():
     assert set(RECIPES) == set(EXPECTED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_dry_runs_at_full_scale(recipe, tmp_path):
     proc = run_launch([f"experiment={recipe}", "dry_run=true"], cwd=tmp_path, timeout=300)

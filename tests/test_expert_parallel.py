@@ -6,30 +6,17 @@ own EP runs through launch.py are in tests/test_moe_families.py."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import run_on_ranks
+from moe_parallel_worker import check_layouts
 
 from pretrain.config import ConfigError, ParallelismConfig
 from pretrain.distributed.parallel_dims import ParallelDims
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "moe_parallel_worker.py"
 
-
-def run_worker(nproc: int, layouts: list[str]) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), *layouts],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    for name in layouts:
-        assert f"layout {name} ok" in proc.stdout, proc.stdout
-    return proc.stdout
+def run_worker(nproc: int, layouts: list[str]) -> None:
+    for lines in run_on_ranks(check_layouts, nproc, layouts):
+        assert [line.split()[:3] for line in lines] == [["layout", name, "ok"] for name in layouts], lines
 
 
 @pytest.mark.multiprocess

@@ -328,6 +328,7 @@ def assert_learns(loss: dict[int, float]) -> None:
     assert last < first - 0.5, (first, last)
 
 
+@pytest.mark.slow
 def test_tensorwise_run_tracks_fp32_over_50_steps(runs):
     fp32, _ = runs("fp32")
     loss, stdout = runs("tensorwise")

@@ -226,6 +226,7 @@ def test_initial_load_from_hf_in_every_layout(hf_runs, tiny_hf_dir, cache_dir):
 
 
 # ----------------------------------------------------------------------------- the CLI
+@pytest.mark.slow
 def test_cli_bad_paths_exit_2_with_the_argument_named(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pretrain.convert", "to-hf", str(tmp_path / "nope"), str(tmp_path / "out")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -149,6 +149,7 @@ def test_logger_writes_jsonl_console_and_resumes_the_same_aim_run(tmp_path, capl
     assert run.experiment == "metrics_test"
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_takes_over_the_aim_lock(tmp_path):
     """A job killed without close() leaves Aim's run lock behind; the restarted job must still append."""
     job = _job(tmp_path)

@@ -26,8 +26,7 @@ import re
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import CONF, LOSS_RTOL, assert_logits_close, compose, logits, losses, run_launch
+from helpers import CONF, LOSS_RTOL, assert_logits_close, compose, logits, losses, run_launch, run_on_ranks
 
 from pretrain.checkpoint import hf_io
 from pretrain.config import ModelConfig, resolve
@@ -298,6 +297,7 @@ DRY_RUNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(DRY_RUNS))
 def test_dry_run_at_full_scale(tmp_path, case):
     overrides, world = DRY_RUNS[case]
@@ -317,58 +317,53 @@ TP2 = ["parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2"]
 ATOL_GRAD = 1e-5  # fp32: sums over heads and ranks in another order, ~1e-7 relative
 
 
-def _tp_worker(rank: int, world_size: int, store_path: str, job) -> None:
-    import torch.distributed as dist
+def _tp_worker(rank: int, world_size: int, job) -> None:
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
     from pretrain.distributed.parallel_dims import ParallelDims
+    from pretrain.distributed.parallelize import parallelize_decoder
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
-    try:
-        cfg, T = job.model, job.training.seq_len
-        tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
-        probe = torch.randn(2, T, cfg.vocab_size, generator=torch.Generator().manual_seed(2))
+    cfg, T = job.model, job.training.seq_len
+    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(2, T, cfg.vocab_size, generator=torch.Generator().manual_seed(2))
 
-        def model_and_grads(parallel: bool):
-            torch.manual_seed(0)
-            model = SPEC.build_model(cfg, T)
-            model.init_weights()
-            spread_norm_weights(model, 0)
-            if parallel:
-                dims = ParallelDims.from_config(job.parallelism, world_size)
-                dims.build_mesh("cpu")
-                SPEC.parallelize(model, dims, job)
-            out = model(tokens)
-            (out * probe).sum().backward()
-            return model, out
+    def model_and_grads(parallel: bool):
+        torch.manual_seed(0)
+        model = SPEC.build_model(cfg, T)
+        model.init_weights()
+        spread_norm_weights(model, 0)
+        if parallel:
+            dims = ParallelDims.from_config(job.parallelism, world_size)
+            dims.build_mesh("cpu")
+            parallelize_decoder(model, dims, job, SPEC.tp_plan_block)
+        out = model(tokens)
+        (out * probe).sum().backward()
+        return model, out
 
-        full, want = model_and_grads(parallel=False)
-        tp, got = model_and_grads(parallel=True)
-        assert (got - want).abs().max().item() <= ATOL_GRAD * want.abs().max().item(), (got - want).abs().max().item()
-        for name in ("q_norm", "k_norm"):
-            for i in tp.layers:
-                weight = getattr(tp.layers[i].attention, name).weight
-                assert isinstance(weight, DTensor) and weight.placements == (Replicate(),)
-                # each rank's gradient covers its own heads: a pending sum over tp (Partial), reduced when
-                # read (clipping, optimizer step), as for the sequence-parallel norms
-                grad, ref = weight.grad, getattr(full.layers[i].attention, name).weight.grad
-                assert isinstance(grad, DTensor) and grad.placements in ((Partial(),), (Replicate(),)), grad
-                err = (grad.full_tensor() - ref).abs().max().item()
-                assert err <= ATOL_GRAD * ref.abs().max().item(), f"rank {rank} layer {i} {name}: {err:.3g}"
-                if grad.placements == (Partial(),):  # one rank's heads alone are not the gradient
-                    assert (grad.to_local() - ref).abs().max().item() > 1e-2 * ref.abs().max().item()
-    finally:
-        dist.destroy_process_group()
+    full, want = model_and_grads(parallel=False)
+    tp, got = model_and_grads(parallel=True)
+    assert (got - want).abs().max().item() <= ATOL_GRAD * want.abs().max().item(), (got - want).abs().max().item()
+    for name in ("q_norm", "k_norm"):
+        for i in tp.layers:
+            weight = getattr(tp.layers[i].attention, name).weight
+            assert isinstance(weight, DTensor) and weight.placements == (Replicate(),)
+            # each rank's gradient covers its own heads: a pending sum over tp (Partial), reduced when
+            # read (clipping, optimizer step), as for the sequence-parallel norms
+            grad, ref = weight.grad, getattr(full.layers[i].attention, name).weight.grad
+            assert isinstance(grad, DTensor) and grad.placements in ((Partial(),), (Replicate(),)), grad
+            err = (grad.full_tensor() - ref).abs().max().item()
+            assert err <= ATOL_GRAD * ref.abs().max().item(), f"rank {rank} layer {i} {name}: {err:.3g}"
+            if grad.placements == (Partial(),):  # one rank's heads alone are not the gradient
+                assert (grad.to_local() - ref).abs().max().item() > 1e-2 * ref.abs().max().item()
 
 
 @pytest.mark.multiprocess
-def test_qk_norm_gradients_are_summed_over_tp_ranks(tmp_path):
+def test_qk_norm_gradients_are_summed_over_tp_ranks():
     """TP 2 on two gloo processes: logits and every q/k norm weight's gradient (replicated over tp)
     equal those of the unsharded model, i.e. each rank's heads' contributions are summed."""
     job = resolve(compose(["model=qwen3_debug", "model.n_layers=2", "parallelism=tp", *TP2,
                            "parallelism.disable_loss_parallel=true", "training.seq_len=16"]))
-    mp.spawn(_tp_worker, args=(2, str(tmp_path / "store"), job), nprocs=2)
+    run_on_ranks(_tp_worker, 2, job)
 
 
 # ----------------------------------------------------------------------------- launched runs

@@ -55,6 +55,7 @@ def test_reads_real_metadata_and_refuses_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_resume_and_convert_refuse_a_crafted_checkpoint(tmp_path):
     args = TINY + ["training.steps=2", "checkpoint.interval=2", "job.name=victim"]
     first = run_launch(args, cwd=tmp_path)

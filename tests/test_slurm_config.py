@@ -94,6 +94,7 @@ def test_impossible_cluster_requests_name_the_key_and_the_fix(overrides, message
     assert message in str(err.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -128,6 +129,7 @@ def test_submitit_parameters_and_sbatch_flags_of_a_gpu_preset():
         assert flag in flags
 
 
+@pytest.mark.slow
 def test_a_task_imports_the_snapshot_not_the_checkout(tmp_path):
     import functools
     import importlib
@@ -274,6 +276,7 @@ def write_run(run_dir: Path, tokens_per_s: list[float], steps: int, planned: int
         (run_dir / "error.txt").write_text(f"rank 1\nTraceback (most recent call last):\n  File x\n{error}\n")
 
 
+@pytest.mark.slow
 def test_report_ranks_points_and_lists_failed_and_skipped(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep / "fast", [10.0, 900.0, 1100.0], steps=3, planned=3)
