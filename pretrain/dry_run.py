@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain import torch_compat
 from pretrain.config import JobConfig
 from pretrain.config.model import ffn_hidden_dim
 from pretrain.distributed.fsdp import param_dtype
@@ -133,12 +134,10 @@ def measure(job: JobConfig, dims: ParallelDims, parts: list[nn.Module], device_t
 
 
 def dry_run(job: JobConfig) -> None:
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
     start = time.perf_counter()
     world = job.world_size
     device_type = "cuda" if job.cluster.device == "cuda" else "cpu"
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    dist.init_process_group("fake", store=torch_compat.fake_store(), rank=0, world_size=world)
     try:
         dims = ParallelDims.from_config(job.parallelism, world)
         dims.build_mesh("cpu")
@@ -161,7 +160,8 @@ def dry_run(job: JobConfig) -> None:
     ]
     print(f"dry run: {job.model.name}/{job.model.flavor} ({n_params / 1e9:.1f} B params, {flops:.3g} FLOPs/token)")
     print(f"  world {world} = {dims} on a fake process group; rank 0 holds {mem.n_params_local:,} parameters")
-    print(f"  batch: local {job.training.local_batch_size} x seq {job.training.seq_len}, global {job.training.global_batch_size}")
+    t = job.training
+    print(f"  batch: local {t.local_batch_size} x seq {t.seq_len}, global {t.global_batch_size}")
     print("  per-rank memory (rank 0):")
     for label, value in rows:
         print(f"    {label:<30} {value / GIB:9.2f} GiB")
@@ -175,5 +175,6 @@ def build_parts(spec, model: nn.Module, dims: ParallelDims, job: JobConfig) -> l
     if dims.pp_enabled:
         from pretrain.distributed.pipeline import split_for_rank
 
-        return [parallelize_decoder(part, dims, job, spec.tp_plan_block) for part in split_for_rank(model, dims, job, pp_rank=0)]
+        parts = split_for_rank(model, dims, job, pp_rank=0)
+        return [parallelize_decoder(part, dims, job, spec.tp_plan_block) for part in parts]
     return [parallelize_decoder(model, dims, job, spec.tp_plan_block)]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
+from pretrain import torch_compat
 from pretrain.errors import ConfigError
 from pretrain.log import logger
 
@@ -57,11 +58,9 @@ def convert_to_float8(model: nn.Module, cfg: Float8Config, device_type: str) -> 
 
     convert_to_float8_training(model, module_filter_fn=module_filter_fn, config=ao_config)
     if cfg.recipe_name == "rowwise":
-        import torch._inductor.config as inductor_config
-
         # compiled rowwise scaling then rounds its low-precision intermediates as eager does
         # (without it, compiled and eager float8 numerics differ)
-        inductor_config.emulate_precision_casts = True
+        torch_compat.emulate_precision_casts()
     if not converted:
         logger.warning(f"float8.enable=true, but no linear layer was converted (filtered: {', '.join(skipped)})")
         return

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from pretrain import torch_compat
 from pretrain.log import logger
 
 if TYPE_CHECKING:
@@ -52,11 +53,10 @@ class StepProfiler:
                 record_shapes=True,
             )
             # windows stay aligned to the step count across resumes
-            self.torch_profiler.step_num = start_step
-            self.torch_profiler.current_action = self.torch_profiler.schedule(start_step)
+            torch_compat.resume_profiler_schedule(self.torch_profiler, start_step)
             logger.info(f"profiling: a trace every {cfg.profile_freq} steps into {self.trace_dir}")
         if self.snapshots:
-            torch.cuda.memory._record_memory_history(max_entries=MAX_SNAPSHOT_ENTRIES)
+            torch_compat.record_memory_history(MAX_SNAPSHOT_ENTRIES)
             logger.info(f"profiling: a CUDA memory snapshot every {cfg.profile_freq} steps into {self.snapshot_dir}")
 
     def _save_trace(self, prof: torch.profiler.profile) -> None:
@@ -70,7 +70,7 @@ class StepProfiler:
         folder = os.path.join(self.snapshot_dir, name)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, f"rank{self.rank}_memory_snapshot.pickle"), "wb") as f:
-            pickle.dump(torch.cuda.memory._snapshot(), f)
+            pickle.dump(torch_compat.memory_snapshot(), f)
 
     def step(self) -> None:
         self.step_num += 1
@@ -97,4 +97,4 @@ def profile_steps(
         if profiler.torch_profiler is not None:
             profiler.torch_profiler.stop()
         if profiler.snapshots:
-            torch.cuda.memory._record_memory_history(enabled=None)
+            torch_compat.stop_memory_history()

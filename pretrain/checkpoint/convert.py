@@ -127,7 +127,8 @@ def to_hf(args: argparse.Namespace) -> None:
     if spec.hf_adapter is None:
         raise ConfigError(f"model family {spec.name!r} has no Hugging Face adapter, so it cannot be converted.")
     state_dict = read_dcp_model(args.dcp_step_dir)
-    save_hf(state_dict, args.out_dir, spec, model_cfg, dtype=args.dtype, max_position_embeddings=args.max_position_embeddings)
+    save_hf(state_dict, args.out_dir, spec, model_cfg, dtype=args.dtype,
+            max_position_embeddings=args.max_position_embeddings)
     print(f"wrote {args.out_dir}: {len(state_dict)} tensors of {model_cfg.name}/{model_cfg.flavor} in {args.dtype}")
 
 
@@ -183,9 +184,8 @@ def to_torch(args: argparse.Namespace) -> None:
         raise ConfigError(f"file {args.file!r}: the folder {parent!r} does not exist. Fix: create it first.")
     import torch
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    from pretrain import torch_compat
     from pretrain.checkpoint.safe_reader import SafeFileSystemReader
 
     # what torch's format_utils.dcp_to_torch_save does, with the metadata read without unpickling code
@@ -197,8 +197,7 @@ def to_torch(args: argparse.Namespace) -> None:
                           "Fix: pick a complete step folder.") from None
     state_dict: dict = {}
     try:
-        _load_state_dict(state_dict, storage_reader=reader,
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        torch_compat.load_dcp_into_empty(state_dict, reader)
     except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
         raise ConfigError(f"dcp_step_dir {args.dcp_step_dir!r} is unreadable ({type(e).__name__}: {e}). "
                           "Fix: pick a complete step folder.") from None
@@ -221,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("hf_dir", help="an HF model folder (config.json + safetensors)")
     p.add_argument("out_dcp_dir", help="the DCP folder to write (new or empty)")
     p.add_argument("--model", help="a conf/model option, e.g. llama3_8b (default: the config's default)")
-    p.epilog = "model.KEY=VALUE overrides may follow, as on launch.py's command line: --model llama3_8b model.n_layers=2"
+    p.epilog = ("model.KEY=VALUE overrides may follow, as on launch.py's command line: "
+                "--model llama3_8b model.n_layers=2")
     p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="dtype stored in the DCP checkpoint")
     p.set_defaults(func=from_hf)
     p = sub.add_parser("to-torch", help="DCP step folder -> one torch.save file")

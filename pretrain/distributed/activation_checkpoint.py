@@ -25,11 +25,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from pretrain import torch_compat
 from pretrain.config.features import selective_every_n
 from pretrain.log import logger
 
@@ -37,25 +36,16 @@ if TYPE_CHECKING:
     from pretrain.config import ActivationCheckpointConfig
 
 
-def _ops(namespace, names: tuple[str, ...]) -> set:
-    """The `.default` overloads of the ops this torch build has (names differ between versions and builds)."""
-    return {getattr(namespace, name).default for name in names if hasattr(namespace, name)}
-
-
 # Outputs kept by the per-op policy: expensive to recompute (attention, collectives) or small and needed
 # again (max: the amax of float8 scaling).
-SAVE_OPS = _ops(
-    torch.ops.aten,
-    (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "max",
-    ),
-) | _ops(torch.ops._c10d_functional, ("reduce_scatter_tensor",))
+# (The ops a torch build lacks are left out: names differ between versions and builds.)
+SAVE_OPS = (
+    torch_compat.attention_ops()
+    | torch_compat.op_overloads("aten", ("max",))
+    | torch_compat.reduce_scatter_ops()
+)
 # Matmuls (float8 ones included): the 1st, 3rd, 5th, ... of each block's forward are kept, the others recomputed.
-MATMUL_OPS = _ops(torch.ops.aten, ("mm", "_scaled_mm"))
+MATMUL_OPS = torch_compat.op_overloads("aten", ("mm",)) | torch_compat.scaled_mm_ops()
 
 
 def op_policy_context():
@@ -85,7 +75,7 @@ def apply_ac(blocks: nn.ModuleDict, cfg: ActivationCheckpointConfig) -> None:
     if cfg.mode == "none":
         return
     if cfg.mode == "memory_budget":
-        torch._functorch.config.activation_memory_budget = cfg.memory_budget
+        torch_compat.set_activation_memory_budget(cfg.memory_budget)
         logger.info(f"activation checkpointing: compiler memory budget {cfg.memory_budget} (no block wrapped)")
         return
     every_n = selective_every_n(cfg.selective_ac_option) if cfg.mode == "selective" else 1
@@ -95,7 +85,7 @@ def apply_ac(blocks: nn.ModuleDict, cfg: ActivationCheckpointConfig) -> None:
     wrapped = []
     for key, layer_id in zip(list(blocks.keys()), _layer_ids(blocks)):
         if (layer_id + 1) % max(every_n, 1) == 0:
-            blocks[key] = checkpoint_wrapper(blocks[key], **kwargs)
+            blocks[key] = torch_compat.checkpoint_wrapper(blocks[key], **kwargs)
             wrapped.append(key)
     what = {1: "full", 0: "selective per-op policy"}.get(every_n, f"full, every {every_n}-th block")
     logger.info(f"activation checkpointing: {what} on {len(wrapped)} of {len(blocks)} blocks ({', '.join(wrapped)})")

@@ -25,13 +25,13 @@ Three boundaries between eager and compiled code need care:
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+from pretrain import torch_compat
 
 if TYPE_CHECKING:
     from pretrain.config import CompileConfig
@@ -42,8 +42,7 @@ def apply_compile(blocks: nn.ModuleDict, cfg: CompileConfig) -> None:
         has_eager_ops = _exclude_context_parallel_attention(block) | _exclude_experts(block)
         target = _compile_target(block)
         target.compile(backend=cfg.backend, fullgraph=not has_eager_ops)
-        # Module.compile stores the compiled __call__ here; _wrapped_call_impl calls it (torch >= 2.2)
-        target._compiled_call_impl = with_async_inputs_resolved(target._compiled_call_impl)
+        torch_compat.wrap_compiled_call(target, with_async_inputs_resolved)
 
 
 def _compile_target(block: nn.Module) -> nn.Module:
@@ -54,18 +53,17 @@ def _compile_target(block: nn.Module) -> nn.Module:
     instead, it fails under TP on torch 2.13: the partitioner saves the DTensor's DeviceMesh for the
     recompute as if it were a tensor. The per-op policy must see the block's aten ops, so a wrapper
     with a policy (`context_fn`) is compiled whole, and is traced."""
-    inner = getattr(block, "_checkpoint_wrapped_module", None)
+    inner = torch_compat.checkpoint_wrapped_module(block)
     if inner is None:
         return block
-    keywords = getattr(getattr(block, "checkpoint_fn", None), "keywords", {})
-    return block if "context_fn" in keywords else inner
+    return block if torch_compat.checkpoint_has_policy(block) else inner
 
 
 class _WaitAsync(torch.autograd.Function):
     """Identity for autograd; forward waits for the collective behind an AsyncCollectiveTensor."""
 
     @staticmethod
-    def forward(ctx, x: AsyncCollectiveTensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         return x.wait()
 
     @staticmethod
@@ -75,7 +73,7 @@ class _WaitAsync(torch.autograd.Function):
 
 def resolve_async(x):
     """x itself, or, for an AsyncCollectiveTensor, the waited plain tensor with x's autograd history."""
-    return _WaitAsync.apply(x) if isinstance(x, AsyncCollectiveTensor) else x
+    return _WaitAsync.apply(x) if torch_compat.is_async_collective(x) else x
 
 
 def with_async_inputs_resolved(fn: Callable) -> Callable:
@@ -124,9 +122,5 @@ def enable_async_tp(tp_mesh) -> None:
             "parallelism.enable_async_tensor_parallel=true needs CUDA, but this rank runs on "
             f"{tp_mesh.device_type}. Fix: set parallelism.enable_async_tensor_parallel=false."
         )
-    torch._inductor.config._micro_pipeline_tp = True
-    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-
-    with warnings.catch_warnings():  # newer torch needs no registration and says so; torch 2.11 does
-        warnings.simplefilter("ignore", FutureWarning)
-        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+    torch_compat.enable_micro_pipeline_tp()
+    torch_compat.enable_symmetric_memory(tp_mesh.get_group().group_name)

@@ -44,31 +44,35 @@ class ParallelDims(Degrees):
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
+        from pretrain.torch_compat import flatten_mesh
+
         if self.ep_enabled:
             return self._build_mesh_with_ep(device_type)
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=MESH_DIMS)
         self.world_mesh = mesh
         self.meshes = {name: mesh[name] for name in MESH_DIMS}
-        self.meshes["dp"] = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
-        self.meshes["dp_shard_cp"] = mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
-        self.meshes["dp_cp"] = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+        self.meshes["dp"] = flatten_mesh(mesh[("dp_replicate", "dp_shard")], "dp")
+        self.meshes["dp_shard_cp"] = flatten_mesh(mesh[("dp_shard", "cp")], "dp_shard_cp")
+        self.meshes["dp_cp"] = flatten_mesh(mesh[("dp_replicate", "dp_shard", "cp")], "dp_cp")
         self._add_hsdp_view(mesh)
         return mesh
 
     def _build_mesh_with_ep(self, device_type: str) -> DeviceMesh:
         from torch.distributed.device_mesh import init_device_mesh
 
+        from pretrain.torch_compat import flatten_mesh
+
         in_ep = self.ep // self.cp
         sizes = (self.pp, self.dp_replicate, self.dp_shard // in_ep, in_ep, self.cp, self.tp)
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=EP_MESH_DIMS)
         self.world_mesh = mesh
         self.meshes = {name: mesh[name] for name in ("pp", "dp_replicate", "cp", "tp")}
-        self.meshes["dp_shard"] = mesh[("dp_shard_mod_ep", "dp_shard_in_ep")]._flatten("dp_shard")
-        self.meshes["dp"] = mesh[("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep")]._flatten("dp")
-        self.meshes["dp_shard_cp"] = mesh[("dp_shard_mod_ep", "dp_shard_in_ep", "cp")]._flatten("dp_shard_cp")
-        self.meshes["dp_cp"] = mesh[("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp")]._flatten("dp_cp")
-        self.meshes["ep"] = mesh[("dp_shard_in_ep", "cp")]._flatten("ep")
+        self.meshes["dp_shard"] = flatten_mesh(mesh[("dp_shard_mod_ep", "dp_shard_in_ep")], "dp_shard")
+        self.meshes["dp"] = flatten_mesh(mesh[("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep")], "dp")
+        self.meshes["dp_shard_cp"] = flatten_mesh(mesh[("dp_shard_mod_ep", "dp_shard_in_ep", "cp")], "dp_shard_cp")
+        self.meshes["dp_cp"] = flatten_mesh(mesh[("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp")], "dp_cp")
+        self.meshes["ep"] = flatten_mesh(mesh[("dp_shard_in_ep", "cp")], "ep")
         self.meshes["dp_mod_ep"] = mesh["dp_shard_mod_ep"]
         with warnings.catch_warnings():  # 2-D views that mix a flattened dimension with a root one
             warnings.filterwarnings("ignore", message=".*flattened dim from root mesh.*")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from pretrain import torch_compat
 from pretrain.config.layout import V_SCHEDULES, pipeline_layers_per_stage, pipeline_stage_count
 from pretrain.errors import ConfigError
 from pretrain.log import logger
@@ -151,22 +152,6 @@ def schedule_class(name: str) -> type:
         ) from None
 
 
-def _after_metadata_pass(stage, callback: Callable[[], None]) -> None:
-    """torch >= 2.13 infers each stage's shapes in its first step by running the stage forward once on
-    placeholder inputs; `callback` runs right after that pass (to undo its side effects, e.g. the tokens
-    a MoE layer counted). Older torch has no such pass."""
-    infer = getattr(stage, "_forward_metadata_inference", None)
-    if infer is None:
-        return
-
-    def infer_then_callback(*args, **kwargs):
-        out = infer(*args, **kwargs)
-        callback()
-        return out
-
-    stage._forward_metadata_inference = infer_then_callback
-
-
 class Pipeline:
     """This rank's stages and the schedule that runs them. `step` takes one batch through every stage
     (forward, loss on the last stage, backward), split into micro-batches by the schedule."""
@@ -186,8 +171,8 @@ class Pipeline:
         assert len(ids) == len(parts), (ids, len(parts))
         self.has_first, self.has_last = 0 in ids, n_stages - 1 in ids
         stages = [PipelineStage(part, i, n_stages, device, group=self.group) for part, i in zip(parts, ids)]
-        for stage in stages:
-            _after_metadata_pass(stage, after_metadata_pass)
+        for stage in stages:  # torch >= 2.13 runs each stage once to infer shapes: undo its side effects
+            torch_compat.after_stage_metadata_pass(stage, after_metadata_pass)
         cls = schedule_class(p.pipeline_parallel_schedule)
         n_microbatches = job.training.local_batch_size // p.pipeline_parallel_microbatch_size
         single = issubclass(cls, PipelineScheduleSingle)

@@ -8,6 +8,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pretrain import torch_compat
 from pretrain.config import ClusterConfig
 from pretrain.errors import ConfigError
 
@@ -47,10 +48,8 @@ def set_cpu_threads(device: torch.device) -> None:
 def set_collective_timeout(seconds: int, groups: list[dist.ProcessGroup]) -> None:
     """Shorten (or lengthen) the timeout of every collective from now on, on these groups and the
     default one: after the first step a collective that waits this long means a rank died or hung."""
-    from torch.distributed.distributed_c10d import _set_pg_timeout
-
     for group in {id(g): g for g in [dist.group.WORLD, *groups]}.values():
-        _set_pg_timeout(timedelta(seconds=seconds), group)
+        torch_compat.set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def clip_grad_norm_(

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pretrain import torch_compat
+
 
 @dataclass
 class MoEArgs:
@@ -57,9 +59,9 @@ def _local(w: torch.Tensor) -> torch.Tensor:
 
 
 def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """torch._grouped_mm: CUDA, bf16, Hopper or newer, 16-byte aligned rows. (On CPU it has a forward but
+    """torch's grouped matmul: CUDA, bf16, Hopper or newer, 16-byte aligned rows. (On CPU it has a forward but
     no backward in torch 2.13, so the loop runs there.)"""
-    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16):
+    if not (torch_compat.grouped_mm_available() and x.is_cuda and x.dtype == torch.bfloat16):
         return False
     aligned = all(w.dtype == torch.bfloat16 and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0 for w in weights)
     return aligned and torch.cuda.get_device_capability(x.device) >= (9, 0)
@@ -80,9 +82,9 @@ class GroupedExperts(nn.Module):
         w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
         if _use_grouped_mm(x, w1, w2, w3):
             offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-            hidden = F.silu(torch._grouped_mm(x, w1.transpose(-2, -1), offs=offsets))
-            hidden = hidden * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offsets)
-            return torch._grouped_mm(hidden, w2.transpose(-2, -1), offs=offsets).type_as(x)
+            hidden = F.silu(torch_compat.grouped_mm(x, w1.transpose(-2, -1), offsets))
+            hidden = hidden * torch_compat.grouped_mm(x, w3.transpose(-2, -1), offsets)
+            return torch_compat.grouped_mm(hidden, w2.transpose(-2, -1), offsets).type_as(x)
         outputs = []
         for e, chunk in enumerate(torch.split(x, counts.tolist())):
             if chunk.shape[0] == 0:
