@@ -254,7 +254,9 @@ def gen_bad_choice(rng):
 def gen_unknown_key(rng):
     section = rng.choice([*SECTIONS, ""])
     prefix = f"{section}." if section else ""
-    taken = [leaf.key[len(prefix):] for leaf in LEAVES if leaf.key.startswith(prefix) and "." not in leaf.key[len(prefix):]]
+    taken = [
+        leaf.key[len(prefix):] for leaf in LEAVES if leaf.key.startswith(prefix) and "." not in leaf.key[len(prefix):]
+    ]
     name = _new_name(rng, taken + ([] if section else [*SECTIONS, *GROUPS, "hydra"]))
     key = prefix + name
     return [f"{rng.choice(['', '+', '++'])}{key}={rng.choice(['1', 'abc', '0.5', 'true'])}"], [key], []
@@ -268,8 +270,9 @@ def gen_unknown_option(rng):
 
 def _degrees(dp_shard=-1, tp=1, pp=1, cp=1, replicate=1, nproc=None, ep=1):
     world = nproc if nproc is not None else max(1, replicate * tp * pp * cp * max(dp_shard, 1))
-    return [f"parallelism.data_parallel_replicate_degree={replicate}", f"parallelism.data_parallel_shard_degree={dp_shard}",
-            f"parallelism.tensor_parallel_degree={tp}", f"parallelism.pipeline_parallel_degree={pp}",
+    return [f"parallelism.data_parallel_replicate_degree={replicate}",
+            f"parallelism.data_parallel_shard_degree={dp_shard}", f"parallelism.tensor_parallel_degree={tp}",
+            f"parallelism.pipeline_parallel_degree={pp}",
             f"parallelism.context_parallel_degree={cp}", f"parallelism.expert_parallel_degree={ep}",
             f"cluster.nproc_per_node={world}"]
 
@@ -322,8 +325,8 @@ def _global_batch(rng):
 def _pp_microbatch(rng):
     micro = rng.randint(2, 6)
     local = micro * rng.randint(1, 4) + rng.randint(1, micro - 1)
-    return [*PIPELINE, f"training.local_batch_size={local}", f"parallelism.pipeline_parallel_microbatch_size={micro}"], \
-        ["pipeline_parallel_microbatch_size"]
+    args = [*PIPELINE, f"training.local_batch_size={local}", f"parallelism.pipeline_parallel_microbatch_size={micro}"]
+    return args, ["pipeline_parallel_microbatch_size"]
 
 
 def _pp_tied(rng):
@@ -350,8 +353,9 @@ def _stages_per_rank(rng):
 
 def _few_microbatches(rng):
     pp = rng.choice([2, 4])
-    return ["parallelism=fsdp_pp", *_degrees(pp=pp), f"training.local_batch_size={rng.randint(1, pp - 1)}",
-            "parallelism.pipeline_parallel_schedule=1F1B"], ["training.local_batch_size", "pipeline_parallel_microbatch_size"]
+    args = ["parallelism=fsdp_pp", *_degrees(pp=pp), f"training.local_batch_size={rng.randint(1, pp - 1)}",
+            "parallelism.pipeline_parallel_schedule=1F1B"]
+    return args, ["training.local_batch_size", "pipeline_parallel_microbatch_size"]
 
 
 def _fqn_parts(rng):
@@ -395,7 +399,8 @@ def gen_paths(rng):
          ["corpus/a.jsonl"]),
         ([f"data.path={rng.choice(['json', 'parquet', 'text', 'local'])}"], ["data.data_files"], []),
         # a fresh run: one with checkpoints of its own resumes from them and ignores initial_load_path
-        ([f"checkpoint.initial_load_path={missing}/step-100", f"job.name={_word(rng)}"], ["checkpoint.initial_load_path"], []),
+        ([f"checkpoint.initial_load_path={missing}/step-100", f"job.name={_word(rng)}"],
+         ["checkpoint.initial_load_path"], []),
     ])
 
 
@@ -410,8 +415,8 @@ def gen_conflicts(rng):
     freq = rng.randint(1, 20)
     warmup = rng.randint(0, freq)
     return rng.choice([
-        (["activation_checkpoint.mode=memory_budget", *rng.choice([[], ["compile.enable=false"],
-                                                                    ["compile.enable=true", "compile.components=[loss]"]])],
+        (["activation_checkpoint.mode=memory_budget",
+          *rng.choice([[], ["compile.enable=false"], ["compile.enable=true", "compile.components=[loss]"]])],
          ["activation_checkpoint.mode"]),
         ([f"float8={rng.choice(['rowwise', 'rowwise_with_gw_hp'])}", "float8.enable_fsdp_float8_all_gather=true"],
          ["float8.enable_fsdp_float8_all_gather"]),
@@ -477,7 +482,8 @@ def valid_args(rng: random.Random) -> list[str]:
                  f"model.n_kv_heads={rng.choice([kv, 'null'] if kv == heads else [kv])}",
                  f"model.vocab_size={rng.randint(256, 4096)}", f"model.multiple_of={rng.choice([16, 32, 256])}",
                  f"model.ffn_dim_multiplier={rng.choice(['null', '1.3', '0.5'])}",
-                 f"model.norm_eps={10 ** rng.uniform(-8, -4):.3g}", f"model.rope_scaling={rng.choice(['true', 'false'])}"]
+                 f"model.norm_eps={10 ** rng.uniform(-8, -4):.3g}",
+                 f"model.rope_scaling={rng.choice(['true', 'false'])}"]
 
     cluster = rng.choice(OPTIONS["cluster"])
     nodes = 1 if cluster == "local" else rng.choice([1, 2, 4])
@@ -546,12 +552,15 @@ def valid_args(rng: random.Random) -> list[str]:
 
     exclude = rng.sample(CHOICES["checkpoint.exclude_from_loading"][0], rng.randint(0, 2))
     args += [
-        f"optimizer.name={rng.choice(['AdamW', 'Adam'])}", f"optimizer.implementation={rng.choice(['foreach', 'fused', 'for-loop'])}",
+        f"optimizer.name={rng.choice(['AdamW', 'Adam'])}",
+        f"optimizer.implementation={rng.choice(['foreach', 'fused', 'for-loop'])}",
         f"optimizer.lr={10 ** rng.uniform(-6, -2):.3g}", f"optimizer.beta1={rng.uniform(0, 0.99):.3f}",
         f"optimizer.beta2={rng.uniform(0, 0.999):.3f}", f"optimizer.eps={10 ** rng.uniform(-12, -6):.3g}",
         f"optimizer.weight_decay={rng.uniform(0, 0.3):.3f}",
-        f"lr_scheduler.warmup_steps={rng.randint(0, 500)}", f"lr_scheduler.decay_ratio={rng.choice(['null', f'{rng.random():.3f}'])}",
-        f"lr_scheduler.decay_type={rng.choice(['linear', 'sqrt', 'cosine'])}", f"lr_scheduler.min_lr_factor={rng.random():.3f}",
+        f"lr_scheduler.warmup_steps={rng.randint(0, 500)}",
+        f"lr_scheduler.decay_ratio={rng.choice(['null', f'{rng.random():.3f}'])}",
+        f"lr_scheduler.decay_type={rng.choice(['linear', 'sqrt', 'cosine'])}",
+        f"lr_scheduler.min_lr_factor={rng.random():.3f}",
         f"training.steps={rng.randint(1, 10**6)}", f"training.seed={rng.randint(-(2**31), 2**31)}",
         f"training.max_norm={rng.uniform(-1, 5):.3f}", f"training.gc_freq={rng.randint(0, 100)}",
         f"training.mixed_precision_param={rng.choice(['auto', 'bfloat16', 'float32'])}",
@@ -560,7 +569,8 @@ def valid_args(rng: random.Random) -> list[str]:
         f"checkpoint.interval={rng.randint(1, 1000)}", f"checkpoint.keep_latest_k={rng.randint(0, 20)}",
         f"checkpoint.load_step={rng.randint(-1, 1000)}", f"checkpoint.exclude_from_loading=[{','.join(exclude)}]",
         f"checkpoint.export_dtype={rng.choice(['float32', 'bfloat16', 'float16'])}",
-        f"checkpoint.async_mode={rng.choice(['disabled', 'async'] + (['async_with_pinned_mem'] if device != 'cpu' else []))}",
+        "checkpoint.async_mode="
+        f"{rng.choice(['disabled', 'async'] + (['async_with_pinned_mem'] if device != 'cpu' else []))}",
         f"checkpoint.on_save_error={rng.choice(['stop', 'continue'])}",
         f"comm.init_timeout_seconds={rng.randint(1, 3600)}", f"comm.train_timeout_seconds={rng.randint(1, 3600)}",
         f"metrics.log_freq={rng.randint(1, 100)}", f"job.name={_word(rng)}",

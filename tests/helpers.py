@@ -63,7 +63,9 @@ def require_slow_mark(what: str) -> None:
         raise AssertionError(f"{running_test[0]} {what} but is not marked slow: add @pytest.mark.slow to it")
 
 
-def run_launch(args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_launch(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`python launch.py ARGS` in `cwd`, with output captured."""
     require_slow_mark("runs launch.py")
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -112,7 +112,9 @@ def run_layout(name: str, reference: nn.Module, batches) -> str:
     # 1e-5 of each tensor's largest entry; losses over 3 Adam steps within 1e-5. Measured (2026-11): at most
     # 8.3e-7 and 2.1e-7. A token sent to the wrong expert, a missing reduction or a wrong divide factor moves a
     # gradient by > 1e-2 of its largest entry (a missing 1/ep: 0.5).
-    assert loss_diff < 1e-5 and grad_diff < 1e-5, f"{name}: losses {losses} vs {ref_losses}; grad diff {grad_diff} at {worst}"
+    assert loss_diff < 1e-5 and grad_diff < 1e-5, (
+        f"{name}: losses {losses} vs {ref_losses}; grad diff {grad_diff} at {worst}"
+    )
     return f"layout {name} ok {loss_diff:.2e} {grad_diff:.2e}"
 
 

@@ -166,7 +166,7 @@ def _compare_budgets(base_model, batch, ref_loss, ref_grads, saved) -> None:
         apply_compile(model.layers, CompileConfig(enable=True, backend="aot_eager"))
         nbytes = []
 
-        def pack(t):
+        def pack(t, nbytes=nbytes):
             nbytes.append(t.untyped_storage().nbytes())
             return t
 

@@ -51,14 +51,16 @@ def test_pinned_memory_staging_needs_cuda(tmp_path):
     if out.returncode == 0:
         pytest.skip("a CUDA device is present: pinned staging is allowed here")
     assert out.returncode == 2
-    assert "checkpoint.async_mode=async_with_pinned_mem" in out.stderr and "Fix: checkpoint.async_mode=async" in out.stderr
+    assert "checkpoint.async_mode=async_with_pinned_mem" in out.stderr
+    assert "Fix: checkpoint.async_mode=async" in out.stderr
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    command = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]
+    done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {done.stderr.strip()}")
     yield mount

@@ -62,13 +62,15 @@ BAD = [
     (["model.n_heads=7"], "model.n_heads"),
     # parallel layouts that cannot work (issue: 4D); each is refused before anything starts
     (["model=llama3_8b", "parallelism.tensor_parallel_degree=16", "cluster.nproc_per_node=16"], "model.n_kv_heads=8"),
-    (["parallelism=fsdp", "parallelism.tensor_parallel_degree=3", "cluster.nproc_per_node=4"], "not divisible by the other degrees"),
+    (["parallelism=fsdp", "parallelism.tensor_parallel_degree=3", "cluster.nproc_per_node=4"],
+     "not divisible by the other degrees"),
     (["parallelism.data_parallel_shard_degree=2", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=8"],
      "do not fill the world"),
     (["parallelism.tensor_parallel_degree=0"], "parallelism.tensor_parallel_degree=0"),
     (["parallelism.context_parallel_degree=2", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=4",
       "training.seq_len=100"], "training.seq_len=100"),
-    (["parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2", "training.seq_len=255"], "training.seq_len=255"),
+    (["parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2", "training.seq_len=255"],
+     "training.seq_len=255"),
     (["parallelism.pipeline_parallel_degree=8", "cluster.nproc_per_node=8", "model.n_layers=2"], "model.n_layers=2"),
     (["parallelism.pipeline_parallel_degree=2", "cluster.nproc_per_node=2", "training.local_batch_size=3",
       "parallelism.pipeline_parallel_microbatch_size=2"], "pipeline_parallel_microbatch_size=2"),
@@ -167,7 +169,9 @@ def test_help_lists_groups_and_cfg_prints_config(tmp_path):
 
 
 def test_seed_checkpoint_runs_on_one_process_whatever_the_recipe():
-    job = resolve(compose(["experiment=llama3_405b_4d", "checkpoint.create_seed_checkpoint=true", "model.hf_assets_path=''"]))
+    job = resolve(compose(
+        ["experiment=llama3_405b_4d", "checkpoint.create_seed_checkpoint=true", "model.hf_assets_path=''"]
+    ))
     p = job.parallelism
     assert job.world_size == 1 and job.cluster.name == "local"
     assert (p.data_parallel_shard_degree, p.tensor_parallel_degree, p.pipeline_parallel_degree) == (1, 1, 1)

@@ -116,7 +116,9 @@ def test_every_field_is_classified():
     tables = {"RANGES": set(RANGES), "CHOICES": set(CHOICES), "PATHS": PATHS, "FREE": FREE}
     for name, table in tables.items():
         assert table <= keys, f"{name} names keys the schema does not have: {sorted(table - keys)}"
-    unclassified = sorted(leaf.key for leaf in LEAVES if leaf.kind != "bool" and not any(leaf.key in t for t in tables.values()))
+    unclassified = sorted(
+        leaf.key for leaf in LEAVES if leaf.kind != "bool" and not any(leaf.key in t for t in tables.values())
+    )
     assert not unclassified, f"new fields: give each a rule in RANGES, CHOICES, PATHS or FREE: {unclassified}"
 
 

@@ -36,7 +36,8 @@ def test_four_processes_ep_with_fsdp_and_tp():
     [
         (dict(expert_parallel_degree=3), 4, "expert_parallel_degree=3"),  # does not divide dp_shard x cp = 4
         (dict(expert_parallel_degree=2, tensor_parallel_degree=2), 2, "expert_parallel_degree=2"),  # dp_shard = 1
-        (dict(expert_parallel_degree=2, context_parallel_degree=4), 8, "expert_parallel_degree=2"),  # not a multiple of cp
+        # not a multiple of cp
+        (dict(expert_parallel_degree=2, context_parallel_degree=4), 8, "expert_parallel_degree=2"),
         (dict(expert_parallel_degree=0), 2, "expert_parallel_degree=0"),
     ],
 )

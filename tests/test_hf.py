@@ -89,7 +89,9 @@ def test_names_and_rope_rows_round_trip():
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     # a pipeline stage asks for its own keys only
     assert llama_hf.hf_keys_needed(["layers.1.ffn_norm.weight", "norm.weight"], UNIT) == {
-        "layers.1.ffn_norm.weight": "model.layers.1.post_attention_layernorm.weight", "norm.weight": "model.norm.weight"}
+        "layers.1.ffn_norm.weight": "model.layers.1.post_attention_layernorm.weight",
+        "norm.weight": "model.norm.weight",
+    }
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -101,7 +103,9 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, tokens, tied):
     assert config["rope_scaling"]["rope_type"] == "llama3" and config["num_key_value_heads"] == 2
     index = json.loads((tmp_path / hf_io.INDEX).read_text())
     assert ("lm_head.weight" in index["weight_map"]) is not tied  # tied: HF files omit the output projection
-    hf, info = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), output_loading_info=True, dtype=torch.float32)
+    hf, info = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path), output_loading_info=True, dtype=torch.float32
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     if tied:
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
@@ -193,7 +197,9 @@ HF_LOAD_LAYOUTS = {
 def hf_runs(root, tiny_hf_dir, cache_dir):
     """Step-1 loss of runs that start from the HF folder, per layout."""
     initial = [f"checkpoint.initial_load_path={tiny_hf_dir}", "checkpoint.initial_load_in_hf=true"]
-    return {name: launch(root, f"hf_{name}", [*initial, *extra], cache_dir)[1] for name, extra in HF_LOAD_LAYOUTS.items()}
+    return {
+        name: launch(root, f"hf_{name}", [*initial, *extra], cache_dir)[1] for name, extra in HF_LOAD_LAYOUTS.items()
+    }
 
 
 def first_step_losses(hf_dir, cache_dir) -> tuple[float, float]:
@@ -228,8 +234,8 @@ def test_initial_load_from_hf_in_every_layout(hf_runs, tiny_hf_dir, cache_dir):
 # ----------------------------------------------------------------------------- the CLI
 @pytest.mark.slow
 def test_cli_bad_paths_exit_2_with_the_argument_named(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.convert", "to-hf", str(tmp_path / "nope"), str(tmp_path / "out")],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "pretrain.convert", "to-hf", str(tmp_path / "nope"), str(tmp_path / "out")]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: dcp_step_dir"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert convert.main(["to-torch", str(tmp_path), str(tmp_path / "x.pt")]) == 2  # a folder, but no DCP in it
@@ -247,7 +253,9 @@ def test_cli_to_hf_to_torch_and_from_hf(root, hf_runs, tiny_hf_dir, tokens, cach
         assert json.loads((out / "config.json").read_text())["torch_dtype"] == dtype
         model = SPEC.build_model(TINY_MODEL, SEQ)
         model.load_state_dict({k: v.float() for k, v in convert.read_dcp_model(str(ckpt / f"step-{step}")).items()})
-        hf, info = transformers.LlamaForCausalLM.from_pretrained(str(out), output_loading_info=True, dtype=torch.float32)
+        hf, info = transformers.LlamaForCausalLM.from_pretrained(
+            str(out), output_loading_info=True, dtype=torch.float32
+        )
         assert not info["missing_keys"] and not info["unexpected_keys"], info
         assert_logits_close(logits(model.eval(), tiny_tokens), logits(hf.eval(), tiny_tokens))
     assert convert.main(["to-hf", str(ckpt / "step-1"), str(root / "run_hf_1")]) == 2  # not an empty folder

@@ -49,7 +49,9 @@ def test_killed_rank_stops_the_whole_run(tmp_path, cache_dir):
 
 def test_user_error_inside_ranks_is_one_clear_message(tmp_path, cache_dir):
     # the tokenizer is trained inside the ranks; 300 pieces cannot hold the corpus's characters
-    args = [*TINY, "parallelism=fsdp", "cluster.nproc_per_node=2", "model.vocab_size=300", f"data.cache_dir={cache_dir}"]
+    args = [
+        *TINY, "parallelism=fsdp", "cluster.nproc_per_node=2", "model.vocab_size=300", f"data.cache_dir={cache_dir}",
+    ]
     proc = run_launch(args, cwd=tmp_path, timeout=240)
     assert proc.returncode == 2
     assert "model.vocab_size" in proc.stderr and "Fix:" in proc.stderr

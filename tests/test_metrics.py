@@ -159,7 +159,8 @@ def test_resume_after_a_crash_takes_over_the_aim_lock(tmp_path):
         from pretrain.config import JobConfig
         from pretrain.metrics import MetricsLogger
         job = JobConfig()
-        job.job.name, job.job.run_dir, job.metrics.aim_repo = "metrics_test", {job.job.run_dir!r}, {job.metrics.aim_repo!r}
+        job.job.name, job.job.run_dir = "metrics_test", {job.job.run_dir!r}
+        job.metrics.aim_repo = {job.metrics.aim_repo!r}
         metrics = MetricsLogger(job, enabled=True)
         metrics.log(1, {_values(1)!r})
         metrics.log(2, {_values(2)!r})

@@ -109,7 +109,9 @@ def test_parameter_counts_on_meta_match_published(preset):
 def test_llama3_8b_flops_per_token_by_hand():
     # 6 * (8_030_261_248 - 128256 * 4096) + 12 * 32 * 32 * 128 * 8192
     assert 6 * (8_030_261_248 - 525_336_576) + 12 * 32 * 32 * 128 * 8192 == 57_914_449_920
-    cfg = ModelConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3)
+    cfg = ModelConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3
+    )
     spec = get_model_spec("llama3")
     with torch.device("meta"):
         model = spec.build_model(cfg, 8192)

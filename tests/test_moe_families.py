@@ -46,7 +46,8 @@ LAYOUTS = {  # name: (overrides, the reference with the same micro-batches)
                    "training.local_batch_size=2"], "accum4"),
     # compiled blocks (experts and the all-to-all eager between them) under full activation checkpointing
     "ep2_compile_ac": (["parallelism=fsdp", "cluster.nproc_per_node=2", "parallelism.expert_parallel_degree=2",
-                        "training.local_batch_size=4", "compile.enable=true", "activation_checkpoint.mode=full"], "accum2"),
+                        "training.local_batch_size=4", "compile.enable=true", "activation_checkpoint.mode=full"],
+                       "accum2"),
     # pipeline stages with MoE layers (the load metrics and bias update span the stages), alone and with EP
     "pp2": (["parallelism=fsdp_pp", "cluster.nproc_per_node=2", "training.local_batch_size=8"], "accum2"),
     "pp2_ep2": (["parallelism=fsdp_pp", "cluster.nproc_per_node=4", "parallelism.expert_parallel_degree=2",

@@ -27,7 +27,10 @@ LAYOUTS = {
     "fsdp2": ["parallelism=fsdp", "cluster.nproc_per_node=2", "training.local_batch_size=4"],
     "fsdp4": ["parallelism=fsdp", "cluster.nproc_per_node=4", "training.local_batch_size=2"],
     "hsdp2x2": ["parallelism=hsdp", "cluster.nproc_per_node=4", "training.local_batch_size=2"],
-    "tp2": ["parallelism=tp", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2", "training.local_batch_size=8"],
+    "tp2": [
+        "parallelism=tp", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2",
+        "training.local_batch_size=8",
+    ],
     "tp2_gathered_loss": [
         "parallelism=tp", "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2",
         "training.local_batch_size=8", "parallelism.disable_loss_parallel=true",

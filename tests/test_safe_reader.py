@@ -67,14 +67,17 @@ def test_resume_and_convert_refuse_a_crafted_checkpoint(tmp_path):
 
     again = run_launch(TINY + ["training.steps=4", "checkpoint.interval=2", "job.name=victim"], cwd=tmp_path)
     assert again.returncode == 2 and "is unreadable" in again.stderr and "Fix:" in again.stderr, again.stderr[-2000:]
-    convert = subprocess.run([sys.executable, "-m", "pretrain.convert", "to-torch", str(step_dir), str(tmp_path / "x.pt")],
-                             cwd=REPO, capture_output=True, text=True)
+    command = [sys.executable, "-m", "pretrain.convert", "to-torch"]
+    convert = subprocess.run(
+        [*command, str(step_dir), str(tmp_path / "x.pt")], cwd=REPO, capture_output=True, text=True
+    )
     assert convert.returncode == 2 and "Traceback" not in convert.stderr, convert.stderr[-2000:]
     assert not marker.exists()
 
     # the intact copy converts, and the file loads with weights_only=True
-    out = subprocess.run([sys.executable, "-m", "pretrain.convert", "to-torch", str(tmp_path / "copy"), str(tmp_path / "m.pt")],
-                         cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [*command, str(tmp_path / "copy"), str(tmp_path / "m.pt")], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     state = torch.load(tmp_path / "m.pt", weights_only=True)
     assert "layers.0.attention.wq.weight" in state["model"] and losses(tmp_path / "outputs" / "victim")

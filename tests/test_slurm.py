@@ -125,7 +125,8 @@ def test_requeue_and_preemption_resume_to_the_same_loss(reference, slurm_env, tm
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "launch.py"), *TINY, *SLURM, *LONG_RUN,
          f"data.cache_dir={cache_dir}", "job.name=interrupted"],
-        cwd=tmp_path, env={**slurm_env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path, env={**slurm_env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_until(lambda: metric_lines(run_dir) >= 5, 180, "step 5", proc)
@@ -146,7 +147,9 @@ def test_requeue_and_preemption_resume_to_the_same_loss(reference, slurm_env, tm
     text = log.read_text()
     assert "received SIGTERM" in text and "received SIGUSR2" in text
     assert "Requeued job" in text  # submitit's handler ran after ours
-    resumed = [int(line.split("step-")[1].split()[0]) for line in text.splitlines() if "checkpoint: resumed from" in line]
+    resumed = [
+        int(line.split("step-")[1].split()[0]) for line in text.splitlines() if "checkpoint: resumed from" in line
+    ]
     assert len(resumed) == 2 and 5 <= resumed[0] < resumed[1] < 60, text[-3000:]  # the steps where the signals came
     straight, interrupted = losses(reference_dir), losses(run_dir)
     assert sorted(interrupted) == list(range(1, 61))
@@ -171,7 +174,8 @@ def test_sweep_completes_and_report_lists_points(slurm_env, tmp_path, cache_dir)
 
     sweep_dir = tmp_path / "outputs" / "sweep"
     report = subprocess.run(
-        [sys.executable, str(REPO / "sweeps" / "report.py"), str(sweep_dir)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "sweeps" / "report.py"), str(sweep_dir)],
+        capture_output=True, text=True, timeout=120,
     )
     assert report.returncode == 0, report.stderr
     markdown = (sweep_dir / "report.md").read_text()
@@ -207,7 +211,8 @@ def test_failing_task_is_a_failed_job_with_its_error(slurm_env, tmp_path, cache_
 def _job_count(env: dict, name: str) -> int:
     """Jobs of this name SLURM ever accepted (by name: other tests' records reach sacct late)."""
     out = subprocess.run(
-        ["sacct", "-a", "-X", "-n", "-S", "2000-01-01", "--name", name, "-o", "JobID"], env=env, capture_output=True, text=True
+        ["sacct", "-a", "-X", "-n", "-S", "2000-01-01", "--name", name, "-o", "JobID"],
+        env=env, capture_output=True, text=True,
     )
     return len(out.stdout.split())
 

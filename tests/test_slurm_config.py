@@ -79,10 +79,13 @@ def test_run_directory_names_never_mention_the_cluster():
     "overrides, message",
     [
         (["cluster=slurm", "cluster.partition=p", "cluster.nproc_per_node=4"], "one task per GPU"),
-        (["cluster=slurm", "cluster.partition=p", "cluster.device=cpu"], "cluster.device=cpu but cluster.gpus_per_node=8"),
-        (["cluster=slurm_cpu", "cluster.partition=p", "cluster.device=cuda"], "cluster.device=cuda but cluster.gpus_per_node=0"),
+        (["cluster=slurm", "cluster.partition=p", "cluster.device=cpu"],
+         "cluster.device=cpu but cluster.gpus_per_node=8"),
+        (["cluster=slurm_cpu", "cluster.partition=p", "cluster.device=cuda"],
+         "cluster.device=cuda but cluster.gpus_per_node=0"),
         (["cluster=slurm_cpu", "cluster.partition=p", "cluster.signal_delay_s=3600"], "cluster.signal_delay_s=3600"),
-        (["cluster=slurm_cpu", "cluster.partition=p", "+cluster.extra_sbatch.ntasks-per-node=4"], "cluster.nproc_per_node already sets"),
+        (["cluster=slurm_cpu", "cluster.partition=p", "+cluster.extra_sbatch.ntasks-per-node=4"],
+         "cluster.nproc_per_node already sets"),
         (["cluster.nodes=2"], "cluster=local runs on this machine only"),
         (["cluster.name=pbs"], "cluster.name='pbs' is not one of"),
         (["cluster=slurm_cpu", "cluster.partition=p", "cluster.nproc_per_node=3", "parallelism=hsdp"], "world size 3"),
@@ -120,7 +123,8 @@ def test_submitit_parameters_and_sbatch_flags_of_a_gpu_preset():
     ]))
     params = submitit_parameters(job.cluster, "run")
     assert params["nodes"] == 4 and params["tasks_per_node"] == 8 and params["gpus_per_node"] == 8
-    assert params["slurm_partition"] == "h100" and params["slurm_constraint"] == "h100" and params["slurm_account"] == "proj"
+    assert params["slurm_partition"] == "h100" and params["slurm_constraint"] == "h100"
+    assert params["slurm_account"] == "proj"
     assert params["slurm_setup"] == ["export NCCL_DEBUG=WARN"] and params["slurm_srun_args"] == ["--kill-on-bad-exit=1"]
     assert params["slurm_additional_parameters"] == {"exclusive": True} and "mem_gb" not in params
     flags = sbatch_flags(job.cluster)
@@ -151,7 +155,8 @@ def test_a_task_imports_the_snapshot_not_the_checkout(tmp_path):
         "module = entry(payload)\n"
         "print(module.SNAPSHOT_MARK, module.__file__)\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "call.pkl")], cwd=REPO, capture_output=True, text=True)
+    command = [sys.executable, "-c", script, str(tmp_path / "call.pkl")]
+    out = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[:3] == ["taken", "at", "submission"]
     assert out.stdout.split()[-1] == os.path.join(code, "pretrain", "__init__.py")
@@ -209,7 +214,10 @@ def test_hook_is_a_no_op_when_not_installed(tmp_path):
 
 
 def test_describe_trace_keeps_user_errors_short():
-    trace = "Traceback (most recent call last):\n  File x\npretrain.config.ConfigError: model.vocab_size=300 is too small. Fix: 512"
+    trace = (
+        "Traceback (most recent call last):\n  File x\n"
+        "pretrain.config.ConfigError: model.vocab_size=300 is too small. Fix: 512"
+    )
     assert describe_trace(trace) == "ConfigError: model.vocab_size=300 is too small. Fix: 512"
     long_trace = "\n".join(f"line {i}" for i in range(100)) + "\nValueError: boom"
     assert describe_trace(long_trace).endswith("ValueError: boom") and "line 10\n" not in describe_trace(long_trace)
@@ -289,7 +297,8 @@ def test_report_ranks_points_and_lists_failed_and_skipped(tmp_path):
         {"label": "b=huge", "run_dir": str(sweep / "huge"), "status": "skipped", "error": "too big. Fix: smaller"},
     ]
     (sweep / "sweep.json").write_text(json.dumps({"points": points}))
-    out = subprocess.run([sys.executable, str(REPO / "sweeps" / "report.py"), str(sweep)], capture_output=True, text=True)
+    command = [sys.executable, str(REPO / "sweeps" / "report.py"), str(sweep)]
+    out = subprocess.run(command, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     md = (sweep / "report.md").read_text()
     assert "4 points: 2 completed, 1 failed, 1 skipped" in md
