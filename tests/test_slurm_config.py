@@ -248,6 +248,7 @@ def sweep_points(name: str, overrides: list[str]) -> list[tuple[list[str], objec
     return points
 
 
+@pytest.mark.slow  # composes and validates every point of every sweep in this process: ~20 s
 def test_sweep_definitions_use_existing_keys_and_flag_invalid_points():
     on_8_gpus = ["cluster=slurm", "cluster.partition=p", "parallelism=fsdp"]
     local_only = {"layouts_cpu4"}  # pins cluster.nproc_per_node=4 on this machine
