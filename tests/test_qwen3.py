@@ -275,11 +275,13 @@ def test_every_preset_is_covered():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_validates_and_says_what_it_is(name):
+    # a flavor file extends the family's base option: between them they set every key explicitly
     text = (CONF / "model" / f"{name}.yaml").read_text()
-    assert text.startswith("# ")
+    base = (CONF / "model" / "qwen3" / "base.yaml").read_text()
+    assert text.startswith("# ") and "- qwen3/base@_here_" in text
     for key in ("name", "flavor", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size",
                 "ffn_hidden_dim", "norm_eps", "qk_norm", "rope_theta", "rope_scaling", "tie_word_embeddings"):
-        assert re.search(rf"^{key}:", text, re.MULTILINE), f"{name} does not set {key}"
+        assert re.search(rf"^{key}:", text + "\n" + base, re.MULTILINE), f"{name} and qwen3/base do not set {key}"
     cfg = preset(name)
     assert cfg.name == "qwen3" and cfg.qk_norm and not cfg.rope_scaling and cfg.norm_eps == 1e-6
     assert cfg.rope_theta == 1e6 and head_dim(cfg) == (64 if "debug" in name else 128)
