@@ -9,12 +9,11 @@ from __future__ import annotations
 import copy
 import gc
 import re
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, compose, losses, run_launch
+from helpers import TINY, compose, losses
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -203,20 +202,16 @@ def test_dry_run_estimate_follows_mode(capsys):
 
 
 @pytest.mark.multiprocess
-def test_fsdp_selective_op_matches_no_ac(tmp_path, cache_dir):
-    """Two FSDP ranks with the per-op policy give the very losses of the same run without AC."""
-    runs = {}
+def test_fsdp_selective_op_matches_no_ac(launch_once):
+    """Two FSDP ranks with the per-op policy give the very losses of the same run without AC (that run is
+    tests/test_parallel_parity.py's fsdp2 layout, launched once for both)."""
+    fsdp2 = [
+        *TINY, "parallelism=fsdp", "cluster.nproc_per_node=2", "training.local_batch_size=4",
+        "checkpoint.interval=5", "checkpoint.keep_latest_k=0",
+    ]
     selective_op = ["activation_checkpoint.mode=selective", "activation_checkpoint.selective_ac_option=op"]
-    for name, ac in {"no_ac": [], "ac_op": selective_op}.items():
-        args = [
-            *TINY, "parallelism=fsdp", "cluster.nproc_per_node=2", "training.steps=4", "checkpoint.enable=false",
-            f"job.name={name}", f"data.cache_dir={cache_dir}", *ac,
-        ]
-        proc = run_launch(args, cwd=tmp_path, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[name] = losses(tmp_path / "outputs" / name)
-        if ac:
-            assert "activation checkpointing: selective per-op policy on 2 of 2 blocks" in proc.stdout + proc.stderr
-    assert sorted(runs["ac_op"]) == [1, 2, 3, 4]
-    assert runs["ac_op"] == runs["no_ac"]
-    shutil.rmtree(tmp_path / "outputs", ignore_errors=True)
+    no_ac, _ = launch_once(fsdp2)
+    ac_op, proc = launch_once([*fsdp2, *selective_op])
+    assert "activation checkpointing: selective per-op policy on 2 of 2 blocks" in proc.stdout + proc.stderr
+    assert sorted(losses(ac_op)) == list(range(1, 11))
+    assert losses(ac_op) == losses(no_ac)

@@ -55,39 +55,53 @@ def test_pinned_memory_staging_needs_cuda(tmp_path):
     assert "Fix: checkpoint.async_mode=async" in out.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
+@pytest.fixture(scope="module")
+def full_disk(tmp_path_factory):
+    """A run whose step-2 checkpoint fills the disk, then the same command to step 6 with each policy in turn
+    (each one leaves the disk as it found it: step-2 alone): {policy: (its output, the last step it logged,
+    the complete checkpoints and the folders left after it)}."""
+    root = tmp_path_factory.mktemp("full_disk")
+    mount = root / "disk"
     mount.mkdir()
     command = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         pytest.skip(f"mounting a tmpfs needs root (CAP_SYS_ADMIN): {done.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    try:
+        base = TINY + [f"job.dump_folder={mount}", "checkpoint.interval=2", "job.name=full"]
+        run_dir = mount / "full"
+        first = run_launch(base + ["training.steps=2"], cwd=root)
+        assert first.returncode == 0, first.stderr[-2000:]
+        results = {}
+        for policy in ("stop", "continue"):
+            extra = ["checkpoint.async_mode=async"] if policy == "continue" else []  # the background path fails alike
+            out = run_launch(base + ["training.steps=6", f"checkpoint.on_save_error={policy}", *extra], cwd=root)
+            folder = run_dir / "checkpoint"
+            results[policy] = (
+                out, max(m["step"] for m in read_metrics(run_dir)), complete_steps(str(folder)),
+                sorted(p.name for p in folder.iterdir()),
+            )
+        yield results
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.mark.parametrize("policy", ["stop", "continue"])
-def test_a_full_disk_keeps_the_previous_checkpoint(policy, small_disk, tmp_path):
-    base = TINY + [f"job.dump_folder={small_disk}", "checkpoint.interval=2", "job.name=full"]
-    run_dir = small_disk / "full"
-    first = run_launch(base + ["training.steps=2"], cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-2000:]
-    extra = ["checkpoint.async_mode=async"] if policy == "continue" else []  # the background path fails the same way
-    out = run_launch(base + ["training.steps=6", f"checkpoint.on_save_error={policy}", *extra], cwd=tmp_path)
+def test_a_full_disk_keeps_the_previous_checkpoint(policy, full_disk):
+    out, last_step, complete, folders = full_disk[policy]
     message = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 3, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
     assert "step-2, intact" in message and "Fix:" in message, message
     if policy == "stop":
         assert message.startswith("stopped: checkpoint: saving step 4"), message
-        assert max(m["step"] for m in read_metrics(run_dir)) == 4  # it stopped there
+        assert last_step == 4  # it stopped there
     else:
         assert "saving step 4" in out.stdout + out.stderr and "the next interval retries" in out.stdout + out.stderr
         assert message.startswith("stopped: checkpoint: saving step 6"), message  # the last save must succeed
-        assert max(m["step"] for m in read_metrics(run_dir)) == 6  # training went on past the failure
-    assert complete_steps(str(run_dir / "checkpoint")) == [2]
-    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == ["step-2"]  # no partial left behind
+        assert last_step == 6  # training went on past the failure
+    assert complete == [2]
+    assert folders == ["step-2"]  # no partial left behind
 
 
 def test_a_kill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):

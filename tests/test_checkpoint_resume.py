@@ -25,8 +25,10 @@ def last_losses(run_dir) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, cache_dir):
+    """One uninterrupted run, "straight"; the resume test goes on from a copy of it, the corrupt-checkpoint
+    test from the run itself."""
     root = tmp_path_factory.mktemp("resume")
-    reference = [*RUN, "job.name=straight", f"data.cache_dir={cache_dir}", "checkpoint.keep_latest_k=0"]
+    reference = [*RUN, "job.name=straight", f"data.cache_dir={cache_dir}", "checkpoint.keep_latest_k=2"]
     proc = run_launch(reference, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
@@ -35,12 +37,11 @@ def workdir(tmp_path_factory, cache_dir):
 def test_exact_resume_twice_and_keep_latest_k(workdir, cache_dir):
     straight = last_losses(workdir / "outputs" / "straight")
     assert sorted(straight) == list(range(1, 21))
+    assert ckpt_dirs(workdir / "outputs" / "straight") == ["step-15", "step-20"]  # keep_latest_k=2 purged 5 and 10
+    # the same command under another name: a copy of the run directory (its Aim run included)
     args = [*RUN, "job.name=resumed", f"data.cache_dir={cache_dir}", "checkpoint.keep_latest_k=2"]
     run_dir = workdir / "outputs" / "resumed"
-
-    proc = run_launch(args, cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ckpt_dirs(run_dir) == ["step-15", "step-20"]  # keep_latest_k=2 purged 5 and 10
+    shutil.copytree(workdir / "outputs" / "straight", run_dir)
 
     # Resume 1: lose the last checkpoint; the same command resumes from step 15 and redoes 16..20.
     shutil.rmtree(run_dir / "checkpoint" / "step-20")

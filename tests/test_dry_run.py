@@ -1,8 +1,10 @@
-"""Every shipped recipe builds at its real world size on a fake process group, in seconds."""
+"""Every shipped recipe builds at its real world size on a fake process group, in seconds: all of them in
+one `launch.py --multirun` (one process, so Python, torch and Hydra start once for the lot)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 from helpers import CONF, run_launch
@@ -21,20 +23,32 @@ def test_every_recipe_is_covered():
     assert set(RECIPES) == set(EXPECTED)
 
 
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """(the directory launch.py ran in, {recipe: its dry run's report}); the multirun runs the recipes in the
+    order given and each report starts with "dry run: "."""
+    root = tmp_path_factory.mktemp("dry_runs")
+    proc = run_launch(["--multirun", f"experiment={','.join(RECIPES)}", "dry_run=true"], cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    reports = proc.stdout.split("dry run: ")[1:]
+    assert len(reports) == len(RECIPES), proc.stdout
+    return root, dict(zip(RECIPES, reports))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_dry_runs_at_full_scale(recipe, tmp_path):
-    proc = run_launch([f"experiment={recipe}", "dry_run=true"], cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def test_recipe_dry_runs_at_full_scale(recipe, dry_runs):
+    root, reports = dry_runs
+    out = reports[recipe]
     total, world = EXPECTED[recipe]
-    assert f"world {world} = ParallelDims" in proc.stdout
-    local = int(re.search(r"rank 0 holds ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
-    pp = int(re.search(r"tp=\d+, pp=(\d+)", proc.stdout).group(1))
+    assert f"world {world} = ParallelDims" in out
+    local = int(re.search(r"rank 0 holds ([\d,]+) parameters", out).group(1).replace(",", ""))
+    pp = int(re.search(r"tp=\d+, pp=(\d+)", out).group(1))
     # rank 0 holds its shard of its pipeline stage: about total / world (FSDP pads shards; the first
     # stage holds the embedding, and stages differ by a layer), so within a factor that PP allows
     expected = total / world
     slack = 1.01 if pp == 1 else 2.0
     assert expected / slack <= local <= expected * slack, (local, expected)
     for label in ("parameters", "gradients", "optimizer state", "activations (estimate)", "total"):
-        assert label in proc.stdout
-    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("step-*"))
+        assert label in out
+    assert not any(root.rglob("step-*"))  # a dry run saves nothing

@@ -106,6 +106,7 @@ FOUR_RANKS = TINY + [
     ],
 )
 def test_a_dead_or_hung_rank_ends_the_run_and_the_rerun_resumes_exactly(fault, sig, extra, tmp_path):
+    """The killed rank is also the local launcher's test: the whole run stops, with one clear message."""
     reference = run_launch(FOUR_RANKS + ["job.name=whole"], cwd=tmp_path) if fault == "kill" else None
     args = FOUR_RANKS + extra + [f"job.name={fault}"]
     run_dir = tmp_path / "outputs" / fault
@@ -124,6 +125,10 @@ def test_a_dead_or_hung_rank_ends_the_run_and_the_rerun_resumes_exactly(fault, s
     assert proc.returncode != 0
     assert elapsed < 60, f"the run took {elapsed:.0f}s to stop after one rank was {fault}ed"
     assert "error" in stderr and "Traceback" not in stderr.splitlines()[-1], stderr[-2000:]
+    if fault == "kill":  # the launcher names the rank and the signal, and leaves no rank running
+        assert "SIGKILL" in stderr and "training failed on rank" in stderr, stderr[-2000:]
+        for pid in workers:  # gone, or a zombie the launcher has not reaped yet
+            assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z", pid
     assert 4 in complete_steps(str(run_dir / "checkpoint"))  # the rerun resumes from the last complete one
 
     again = run_launch(args, cwd=tmp_path)

@@ -44,14 +44,9 @@ LAYOUTS = {
 }
 
 
-def launch_layout(root, name: str, overrides: list[str], cache_dir) -> dict[int, float]:
-    args = [
-        *TINY, *overrides, f"job.name={name}", f"data.cache_dir={cache_dir}",
-        "checkpoint.interval=5", "checkpoint.keep_latest_k=0",
-    ]
-    proc = run_launch(args, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return losses(root / "outputs" / name)
+def layout_args(overrides: list[str]) -> list[str]:
+    """The launch.py overrides of a layout (tests/test_activation_checkpoint.py compares against fsdp2's run)."""
+    return [*TINY, *overrides, "checkpoint.interval=5", "checkpoint.keep_latest_k=0"]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +55,14 @@ def parity_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(parity_root, cache_dir):
-    return {name: launch_layout(parity_root, name, overrides, cache_dir) for name, overrides in LAYOUTS.items()}
+def run_dirs(launch_once):
+    """Each layout's run directory (shared with other modules launching the same run)."""
+    return {name: launch_once(layout_args(overrides))[0] for name, overrides in LAYOUTS.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(run_dirs):
+    return {name: losses(run_dir) for name, run_dir in run_dirs.items()}
 
 
 def test_single_process_learns(runs):
@@ -90,12 +91,16 @@ RESHARD = {
 
 
 @pytest.mark.parametrize("case", sorted(RESHARD))
-def test_resharded_resume_continues_the_run(runs, parity_root, cache_dir, case):
+def test_resharded_resume_continues_the_run(runs, run_dirs, parity_root, cache_dir, case):
     source, target_overrides = RESHARD[case]
-    shutil.copytree(parity_root / "outputs" / source, parity_root / "outputs" / case)
-    shutil.rmtree(parity_root / "outputs" / case / "checkpoint" / "step-10")
-    resumed = launch_layout(parity_root, case, target_overrides, cache_dir)  # resumes from step-5
-    steps = [m["step"] for m in read_metrics(parity_root / "outputs" / case)]
+    run_dir = parity_root / "outputs" / case
+    shutil.copytree(run_dirs[source], run_dir)
+    shutil.rmtree(run_dir / "checkpoint" / "step-10")
+    args = [*layout_args(target_overrides), f"job.name={case}", f"data.cache_dir={cache_dir}"]
+    proc = run_launch(args, cwd=parity_root, timeout=600)  # resumes from step-5
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = losses(run_dir)
+    steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == list(range(1, 11)) + list(range(6, 11))
     for step in range(6, 11):
         assert resumed[step] == pytest.approx(runs[source][step], rel=RTOL), (case, step)
