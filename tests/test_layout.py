@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 from pretrain.config.model import family_names, family_spec
 from pretrain.models.common.spec import load
@@ -47,6 +48,7 @@ def test_no_import_cycle_between_our_modules():
     assert not cycles, f"import cycles between our modules: {cycles}"
 
 
+@pytest.mark.slow  # a fresh interpreter (subprocess)
 def test_config_and_family_specs_load_without_torch():
     """Validation reads each family's SPEC (loaded by name) before any process starts: none of it may pull in
     torch, or a bad command line would take seconds to be refused."""

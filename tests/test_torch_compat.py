@@ -125,6 +125,7 @@ def test_no_module_but_torch_compat_touches_a_private_torch_name():
     )
 
 
+@pytest.mark.slow  # a fresh interpreter (subprocess)
 def test_importing_torch_compat_imports_nothing_beyond_torch():
     code = ("import sys, torch; before = set(sys.modules); import pretrain.torch_compat; "
             "print(sorted(set(sys.modules) - before))")
