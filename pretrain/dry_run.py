@@ -16,12 +16,12 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain import torch_compat
+from pretrain.components.float8 import convert_to_float8
 from pretrain.config import JobConfig
 from pretrain.config.model import ffn_hidden_dim
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.parallelize import parallelize_decoder
-from pretrain.float8 import convert_to_float8
 from pretrain.models import get_model_spec
 
 GIB = 1024**3

@@ -118,7 +118,7 @@ TOUCHED: tuple[Touch, ...] = (
     Touch("torch:_grouped_mm", "models/common/moe.py: GroupedExperts.forward (CUDA, bf16, sm90+)",
           ("grouped_mm_available", "grouped_mm"), "the experts run as a loop of matmuls (slower, same numbers)",
           optional=True, since="2.11"),
-    Touch("torch._inductor.config:emulate_precision_casts", "float8.py: convert_to_float8 (rowwise)",
+    Touch("torch._inductor.config:emulate_precision_casts", "components/float8.py: convert_to_float8 (rowwise)",
           ("emulate_precision_casts",), _ERROR),
     # checkpoints
     Touch("torch.distributed.checkpoint.default_planner:_EmptyStateDictLoadPlanner", "checkpoint/convert.py: to_torch",
@@ -130,11 +130,11 @@ TOUCHED: tuple[Touch, ...] = (
     Touch("torch.serialization:_get_layout", "checkpoint/safe_reader.py: _MetadataUnpickler.find_class",
           ("LAYOUT_PICKLE_GLOBAL",), "metadata holding a torch.layout is refused as unsafe; allow torch's new name"),
     # profiling
-    Touch("torch.cuda.memory:_record_memory_history", "profiling.py: StepProfiler, profile_steps (CUDA only)",
+    Touch("torch.cuda.memory:_record_memory_history", "components/profiling.py: StepProfiler, profile_steps (CUDA)",
           ("record_memory_history", "stop_memory_history"), _ERROR),
-    Touch("torch.cuda.memory:_snapshot", "profiling.py: StepProfiler.dump_snapshot (CUDA only)",
+    Touch("torch.cuda.memory:_snapshot", "components/profiling.py: StepProfiler.dump_snapshot (CUDA only)",
           ("memory_snapshot",), _ERROR),
-    *(Touch(f"torch.profiler:profile.{attr} (instance)", "profiling.py: StepProfiler.__init__",
+    *(Touch(f"torch.profiler:profile.{attr} (instance)", "components/profiling.py: StepProfiler.__init__",
             ("resume_profiler_schedule",), _ERROR, probe=_instance_attr(torch.profiler.profile, attr))
       for attr in ("step_num", "current_action")),
 )

@@ -18,6 +18,12 @@ from torch.distributed.tensor.parallel import loss_parallel
 from pretrain import preemption
 from pretrain.checkpoint.manager import CheckpointManager
 from pretrain.checkpoint.state import complete_steps
+from pretrain.components.expert_load import ExpertLoad
+from pretrain.components.float8 import convert_to_float8, precompute_float8_scales
+from pretrain.components.loss import build_loss_fn, per_step_loss
+from pretrain.components.metrics import MetricsLogger, cuda_memory_stats, memory_gib, peak_flops, throughput
+from pretrain.components.optim import build_lr_scheduler, build_optimizer
+from pretrain.components.profiling import profile_steps
 from pretrain.config import JobConfig
 from pretrain.data.dataset import TokenWindowLoader
 from pretrain.data.tokenizer import build_tokenizer
@@ -34,14 +40,8 @@ from pretrain.distributed.utils import (
     set_cpu_threads,
 )
 from pretrain.errors import TrainingHalted
-from pretrain.expert_load import ExpertLoad
-from pretrain.float8 import convert_to_float8, precompute_float8_scales
 from pretrain.log import init_logging, is_rank0, logger
-from pretrain.loss import build_loss_fn, per_step_loss
-from pretrain.metrics import MetricsLogger, cuda_memory_stats, memory_gib, peak_flops, throughput
 from pretrain.models import get_model_spec
-from pretrain.optim import build_lr_scheduler, build_optimizer
-from pretrain.profiling import profile_steps
 
 
 class Trainer:

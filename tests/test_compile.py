@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY, losses, run_launch, run_on_ranks
 
+from pretrain.components.loss import build_loss_fn, cross_entropy_sum
 from pretrain.config import CompileConfig
-from pretrain.loss import build_loss_fn, cross_entropy_sum
 
 # Inductor fuses log-softmax and the sum over tokens into one kernel that reduces fp32 in another
 # order than eager: about one ulp on a loss of ~150 (32 tokens, V=64). Measured (torch 2.13 CPU, 5

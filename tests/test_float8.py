@@ -25,8 +25,8 @@ from helpers import TINY, compose, losses, run_launch
 from torch import nn
 from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
 
+from pretrain.components.float8 import convert_to_float8, float8_tp_styles, precompute_float8_scales
 from pretrain.config import ConfigError, Float8Config, resolve
-from pretrain.float8 import convert_to_float8, float8_tp_styles, precompute_float8_scales
 from pretrain.models import get_model_spec
 
 BLOCK_LINEARS = (

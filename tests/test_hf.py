@@ -285,10 +285,10 @@ def test_cli_to_hf_to_torch_and_from_hf(root, hf_runs, tiny_hf_dir, tokens, cach
 def test_initial_load_of_a_dcp_step_whole_or_model_only(root, hf_runs, cache_dir, tmp_path):
     """checkpoint.initial_load_path on a run's DCP step folder, in process: everything (weights, optimizer,
     schedule, data position, step) with initial_load_model_only=false, the weights alone by default."""
+    from pretrain.components.optim import build_lr_scheduler, build_optimizer
     from pretrain.config import resolve
     from pretrain.data.dataset import TokenWindowLoader
     from pretrain.data.tokenizer import build_tokenizer
-    from pretrain.optim import build_lr_scheduler, build_optimizer
 
     ckpt = root / "outputs" / "hf_single" / "checkpoint"
     job = resolve(compose([*RUN, f"data.cache_dir={cache_dir}"]))

@@ -14,9 +14,9 @@ import pytest
 import torch
 from helpers import aim_metric
 
+from pretrain.components.metrics import AIM_HASH_FILE, JSONL_FILE, MetricsLogger, memory_gib, throughput
+from pretrain.components.peak_flops import CPU_CACHE_FILE, peak_flops, peak_flops_for_name
 from pretrain.config import ConfigError, JobConfig
-from pretrain.metrics import AIM_HASH_FILE, JSONL_FILE, MetricsLogger, memory_gib, throughput
-from pretrain.peak_flops import CPU_CACHE_FILE, peak_flops, peak_flops_for_name
 
 KEYS = ("loss", "grad_norm", "lr", "tokens_per_s", "tflops", "mfu", "memory_gib", "elapsed_s")
 
@@ -157,7 +157,7 @@ def test_resume_after_a_crash_takes_over_the_aim_lock(tmp_path):
         f"""
         import os
         from pretrain.config import JobConfig
-        from pretrain.metrics import MetricsLogger
+        from pretrain.components.metrics import MetricsLogger
         job = JobConfig()
         job.job.name, job.job.run_dir = "metrics_test", {job.job.run_dir!r}
         job.metrics.aim_repo = {job.metrics.aim_repo!r}

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from pretrain.components.optim import lr_factor
 from pretrain.config import LRSchedulerConfig, ModelConfig
 from pretrain.models import get_model_spec
 from pretrain.models.common.rope import precompute_freqs_cis
 from pretrain.models.llama3.model import Transformer
-from pretrain.optim import lr_factor
 
 TINY = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32)
 

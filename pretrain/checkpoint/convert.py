@@ -28,7 +28,7 @@ from pathlib import Path
 from pretrain.config import ModelConfig
 from pretrain.errors import ConfigError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 MODEL_PREFIX = "model."  # checkpoint.py saves {"model": ..., "optimizer": ...}; DCP flattens to "model.<name>"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 

@@ -89,7 +89,7 @@ def check_float8(job: JobConfig) -> None:
         )
     tp = job.parallelism.tensor_parallel_degree
     if f.recipe_name == "tensorwise" and tp > 1 and job.cluster.device == "cpu":
-        # checked again on the rank (pretrain.float8.float8_tp_styles) for cluster.device=auto
+        # checked again on the rank (pretrain.components.float8.float8_tp_styles) for cluster.device=auto
         raise ConfigError(
             f"float8.recipe_name=tensorwise with parallelism.tensor_parallel_degree={tp} sends float8 activations "
             "through the tensor-parallel collectives, and gloo (the CPU backend) has no float8 dtypes. "

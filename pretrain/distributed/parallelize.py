@@ -17,13 +17,13 @@ from torch import nn
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
+from pretrain.components.float8 import float8_tp_styles
 from pretrain.config.features import compiles_model
 from pretrain.distributed.activation_checkpoint import apply_ac
 from pretrain.distributed.compile import apply_compile, enable_async_tp
 from pretrain.distributed.expert_parallel import apply_moe_parallel, shard_experts
 from pretrain.distributed.fsdp import apply_fsdp
 from pretrain.distributed.tensor_parallel import apply_tp_plan
-from pretrain.float8 import float8_tp_styles
 
 if TYPE_CHECKING:
     from pretrain.config import JobConfig

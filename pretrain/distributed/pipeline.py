@@ -29,9 +29,9 @@ from pretrain.errors import ConfigError
 from pretrain.log import logger
 
 if TYPE_CHECKING:
+    from pretrain.components.loss import LossFn
     from pretrain.config import JobConfig
     from pretrain.distributed.parallel_dims import ParallelDims
-    from pretrain.loss import LossFn
 
 
 def model_sections(model: nn.Module) -> tuple[list[str], list[str], list[str]]:

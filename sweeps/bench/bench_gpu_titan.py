@@ -200,7 +200,7 @@ def run_titan(points: list[Point], args, workdir: str) -> dict[str, dict]:
         return {}
     import torch
 
-    from pretrain.peak_flops import peak_flops_for_name
+    from pretrain.components.peak_flops import peak_flops_for_name
 
     peak, peak_source = peak_flops_for_name(torch.cuda.get_device_name(), torch.bfloat16)
     args.titan_peak = f"{peak / 1e12:.1f} TFLOP/s ({peak_source})"

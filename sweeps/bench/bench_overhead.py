@@ -131,7 +131,7 @@ def machine_summary() -> str:
     """CPU model and cores, Python and torch versions (and the GPU, when one is visible)."""
     import torch
 
-    from pretrain.peak_flops import cpu_model_name
+    from pretrain.components.peak_flops import cpu_model_name
 
     parts = [f"{cpu_model_name()}, {os.cpu_count()} cores", f"Python {platform.python_version()}",
              f"torch {torch.__version__}"]

@@ -20,10 +20,10 @@ from typing import Any, Optional
 
 import torch
 
+from pretrain.components.peak_flops import peak_flops, peak_flops_for_name  # noqa: F401  (re-exported)
 from pretrain.config import JobConfig
 from pretrain.errors import ConfigError
 from pretrain.log import logger
-from pretrain.peak_flops import peak_flops, peak_flops_for_name  # noqa: F401  (re-exported)
 
 GIB = 1024**3
 JSONL_FILE = "metrics.jsonl"
