@@ -83,32 +83,12 @@ class LiveState:
 
     def load_model(self, path: str, what: str, fix: str) -> None:
         """The model weights of a DCP step folder into the parts (strict: every weight, the same shapes)."""
-        own_model, model_sd = self.model_state_dict()
-        state_dict = {"model": model_sd}
-        try:
-            dcp.load(state_dict, storage_reader=SafeFileSystemReader(path))
-        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            raise ConfigError(f"{what}: its model does not match this one: {e}. {fix}") from None
-        loaded = {k: state_dict["model"][drop_name_at(k, 0)] for k in own_model}
-        set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
+        self._load(path, load_optimizer=False, mismatch=f"{what}: its model does not match this one", fix=fix)
 
     def restore(self, path: str, meta: dict, excluded: set[str], what: str, fix: str) -> TrainState:
         """Load a DCP step folder (its train_state.json already read into `meta`) into the live objects."""
         load_optimizer = "optimizer" not in excluded and not meta["model_only"]
-        own_model, model_sd = self.model_state_dict()
-        state_dict = {"model": model_sd}
-        if load_optimizer:
-            own_optimizer, state_dict["optimizer"] = self.optimizer_state_dict()
-        try:
-            dcp.load(state_dict, storage_reader=SafeFileSystemReader(path))
-        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-            raise ConfigError(f"{what} does not match this model/optimizer: {e}. {fix}") from None
-        # back to the parts' own names (DCP loaded in place, or replaced the non-tensor values)
-        loaded = {key: state_dict["model"][drop_name_at(key, 0)] for key in own_model}
-        set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
-        if load_optimizer:
-            loaded = {key: state_dict["optimizer"][drop_name_at(key, 1)] for key in own_optimizer}
-            set_optimizer_state_dict(self.parts, self.optimizer, loaded, options=FLAT)
+        self._load(path, load_optimizer, mismatch=f"{what} does not match this model/optimizer", fix=fix)
         if meta["model_only"]:
             excluded |= {"lr_scheduler", "dataloader"}
         if "lr_scheduler" not in excluded:
@@ -118,6 +98,22 @@ class LiveState:
         state = TrainState() if "train_state" in excluded else TrainState(**meta["train_state"])
         logger.info(f"checkpoint: resumed from {path} (step {state.step}; not loaded: {sorted(excluded) or 'nothing'})")
         return state
+
+    def _load(self, path: str, load_optimizer: bool, mismatch: str, fix: str) -> None:
+        own_model, model_sd = self.model_state_dict()
+        state_dict = {"model": model_sd}
+        if load_optimizer:
+            own_optimizer, state_dict["optimizer"] = self.optimizer_state_dict()
+        try:
+            dcp.load(state_dict, storage_reader=SafeFileSystemReader(path))
+        except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+            raise ConfigError(f"{mismatch}: {e}. {fix}") from None
+        # back to the parts' own names (DCP loaded in place, or replaced the non-tensor values)
+        loaded = {key: state_dict["model"][drop_name_at(key, 0)] for key in own_model}
+        set_model_state_dict(self.parts, loaded, options=StateDictOptions(strict=True))
+        if load_optimizer:
+            loaded = {key: state_dict["optimizer"][drop_name_at(key, 1)] for key in own_optimizer}
+            set_optimizer_state_dict(self.parts, self.optimizer, loaded, options=FLAT)
 
 
 def drop_name_at(key: str, position: int) -> str:
