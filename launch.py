@@ -30,9 +30,11 @@ def main(cfg: DictConfig) -> None:
             run_dir = os.path.dirname(run_dir)
         sys.exit(2)
     if job.dry_run:
+        # lazy: `--help` and a refused config answer before torch loads
         from pretrain.dry_run import dry_run
 
         return dry_run(job)
+    # lazy: `--help` and a refused config answer before torch loads
     from pretrain.launcher import launch
 
     code = launch(job)

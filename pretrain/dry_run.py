@@ -18,10 +18,12 @@ from torch import nn
 from pretrain import torch_compat
 from pretrain.components.float8 import convert_to_float8
 from pretrain.config import JobConfig
+from pretrain.config.features import selective_every_n
 from pretrain.config.model import ffn_hidden_dim
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.parallelize import parallelize_decoder
+from pretrain.distributed.pipeline import split_for_rank
 from pretrain.models import get_model_spec
 
 GIB = 1024**3
@@ -80,8 +82,6 @@ def estimate_activations(job: JobConfig, dims: ParallelDims, layers_on_rank: int
                      stage holds this many or one more: the estimate errs high), the others as no AC
       memory_budget  the compiler's target: budget x (no AC) + (1 - budget) x (full) per layer; the
                      partitioner only approximates it"""
-    from pretrain.config.features import selective_every_n
-
     m, t, ac = job.model, job.training, job.activation_checkpoint
     micro = job.parallelism.pipeline_parallel_microbatch_size if dims.pp_enabled else t.local_batch_size
     tokens = micro * t.seq_len // dims.cp
@@ -173,8 +173,6 @@ def dry_run(job: JobConfig) -> None:
 def build_parts(spec, model: nn.Module, dims: ParallelDims, job: JobConfig) -> list[nn.Module]:
     """The model parts rank 0 would hold, parallelized as in training."""
     if dims.pp_enabled:
-        from pretrain.distributed.pipeline import split_for_rank
-
         parts = split_for_rank(model, dims, job, pp_rank=0)
         return [parallelize_decoder(part, dims, job, spec.tp_plan_block) for part in parts]
     return [parallelize_decoder(model, dims, job, spec.tp_plan_block)]

@@ -86,6 +86,7 @@ def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
 
 def submit_to_slurm(job: JobConfig) -> int:
     """One job on SLURM, validated already; blocking or not as `cluster.blocking` says."""
+    # lazy: submitit and cloudpickle load only for cluster=slurm
     from pretrain.slurm.points import Point
     from pretrain.slurm.submission import submit_points
 

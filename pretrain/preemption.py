@@ -55,6 +55,7 @@ def received_on_any_rank() -> list[int]:
     """The handled signals that any rank received (collective when more than one rank)."""
     if not _previous_handlers:
         return []
+    # lazy: install() runs in the SLURM task before torch is imported
     import torch
     import torch.distributed as dist
 
@@ -71,6 +72,7 @@ def checkpoint_and_requeue_if_signalled(checkpoint: Any, state: Any) -> None:
     received = received_on_any_rank()
     if not received:
         return
+    # lazy: install() runs in the SLURM task before torch is imported
     import torch.distributed as dist
 
     if not checkpoint.cfg.enable:

@@ -1,6 +1,7 @@
 """The architecture's rules that a static import check cannot see, or states more plainly than
 pyproject.toml's import-linter contracts (which CI runs as `lint-imports`)."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -77,3 +78,27 @@ def test_spec_parts_resolve_for_every_family():
         assert spec.hf_adapter is not None and callable(spec.hf_adapter.to_hf), name
         assert isinstance(load(spec.model), type), name
         assert callable(load(spec.flops)), name
+
+
+def test_every_function_level_import_says_why_it_is_lazy():
+    """A function-level import is either moved to the top or its block of imports keeps a `# lazy: <reason>`
+    comment above it (imports that keep `--help`, config validation or optional packages light). One that only
+    hid a cycle would have no reason to give."""
+    unexplained = []
+    for path in sorted((REPO / "pretrain").rglob("*.py")) + [REPO / "launch.py"]:
+        lines = path.read_text().splitlines()
+        for func in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                for body in (getattr(node, "body", None), getattr(node, "orelse", None)):
+                    if not isinstance(body, list):
+                        continue
+                    for i, stmt in enumerate(body):
+                        starts_block = i == 0 or not isinstance(body[i - 1], (ast.Import, ast.ImportFrom))
+                        if isinstance(stmt, (ast.Import, ast.ImportFrom)) and starts_block:
+                            above, line = lines[stmt.lineno - 2].strip(), lines[stmt.lineno - 1]
+                            said = above.startswith("# lazy:") or "# lazy:" in line
+                            if not said:
+                                unexplained.append(f"{path.relative_to(REPO)}:{stmt.lineno}")
+    assert not unexplained, f"function-level imports without a `# lazy:` reason (move them to the top?): {unexplained}"

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from pretrain.errors import ConfigError
 
@@ -27,7 +28,6 @@ class AsyncSaver:
                     "checkpoint.async_mode=async_with_pinned_mem stages GPU tensors through pinned host memory, "
                     "but this rank has no CUDA device. Fix: checkpoint.async_mode=async."
                 )
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
             self.stager = DefaultStager(
                 StagingOptions(use_pinned_memory=True, use_shared_memory=False, use_async_staging=False,

@@ -45,6 +45,7 @@ def check_dcp_dir(path: str, arg: str) -> None:
 
 def read_dcp_model(step_dir: str) -> dict:
     """The model's full tensors (our names) from a DCP step folder, on this process alone."""
+    # lazy: `--help` and argument errors answer before torch, hydra or a model loads
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -72,6 +73,7 @@ def read_dcp_model(step_dir: str) -> dict:
 
 def run_model_config(step_dir: str, config_path: str | None) -> ModelConfig:
     """The model section of the run's config.yaml (written by the Trainer into the run directory)."""
+    # lazy: `--help` and argument errors answer before torch, hydra or a model loads
     from omegaconf import OmegaConf
 
     arg = "--config"
@@ -89,6 +91,7 @@ def run_model_config(step_dir: str, config_path: str | None) -> ModelConfig:
 
 def composed_model_config(option: str | None, overrides: list[str]) -> ModelConfig:
     """conf/model/<option> plus model.* overrides, composed by Hydra as launch.py would."""
+    # lazy: `--help` and argument errors answer before torch, hydra or a model loads
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -120,6 +123,7 @@ def to_hf(args: argparse.Namespace) -> None:
     check_dcp_dir(args.dcp_step_dir, "dcp_step_dir")
     _check_out_dir(args.out_dir, "out_dir")
     model_cfg = run_model_config(args.dcp_step_dir, args.config)
+    # lazy: `--help` and argument errors answer before torch, hydra or a model loads
     from pretrain.checkpoint.hf_io import save_hf
     from pretrain.models import get_model_spec
 
@@ -141,6 +145,7 @@ def from_hf(args: argparse.Namespace) -> None:
                           f"{' or '.join(hf_files)}). Fix: give such a folder.")
     _check_out_dir(args.out_dcp_dir, "out_dcp_dir")
     model_cfg = composed_model_config(args.model, args.overrides)
+    # lazy: `--help` and argument errors answer before torch, hydra or a model loads
     import torch
     import torch.distributed.checkpoint as dcp
 
@@ -182,6 +187,7 @@ def to_torch(args: argparse.Namespace) -> None:
     parent = os.path.dirname(os.path.abspath(args.file))
     if not os.path.isdir(parent):
         raise ConfigError(f"file {args.file!r}: the folder {parent!r} does not exist. Fix: create it first.")
+    # lazy: `--help` and argument errors answer before torch, hydra or a model loads
     import torch
     from torch.distributed.checkpoint.api import CheckpointException
 

@@ -21,8 +21,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from pretrain.data.tokenizer import load_tokenizer
 from pretrain.distributed.fsdp import DTYPES
 
 if TYPE_CHECKING:
@@ -56,8 +60,6 @@ def save_hf(
     max_position_embeddings: int | None = None,
 ) -> dict:
     """Write our full (unsharded) state dict as an HF folder; returns the config.json written."""
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     adapter = adapter_of(spec)
@@ -98,8 +100,6 @@ def _copy_assets(assets_path: str, out_dir: str) -> dict:
         if os.path.isfile(os.path.join(assets_path, name)):
             shutil.copyfile(os.path.join(assets_path, name), os.path.join(out_dir, name))
     try:
-        from pretrain.data.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(assets_path)
         return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
     except Exception:  # the weights are still usable without the ids
@@ -133,7 +133,6 @@ def weight_map(hf_dir: str) -> dict[str, str]:
     single = os.path.join(hf_dir, SINGLE_FILE)
     if not os.path.isfile(single):
         raise FileNotFoundError(f"{hf_dir} holds neither {INDEX} nor {SINGLE_FILE}")
-    from safetensors import safe_open
 
     with safe_open(single, framework="pt") as f:
         return {key: single for key in f.keys()}
@@ -143,8 +142,6 @@ def read_hf(
     hf_dir: str, keys: Iterable[str] | None = None, files: dict[str, str] | None = None
 ) -> dict[str, torch.Tensor]:
     """The named HF tensors (all when `keys` is None), each read lazily from its shard."""
-    from safetensors import safe_open
-
     files = files if files is not None else weight_map(hf_dir)
     keys = list(files) if keys is None else list(keys)
     missing = [k for k in keys if k not in files]
@@ -179,8 +176,6 @@ def load_hf_into(
     `set_model_state_dict(full_state_dict=True)` keeps its shard (FSDP/TP DTensors) or the whole tensor.
     strict: every parameter must be in the HF folder (else KeyError); shapes must match (else ValueError).
     Collective: every rank of the part's meshes calls it."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
     adapter = adapter_of(spec)
     files = weight_map(hf_dir)
     options = StateDictOptions(full_state_dict=True, strict=False)  # a chunk at a time: coverage is checked here

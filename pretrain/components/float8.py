@@ -40,6 +40,7 @@ def convert_to_float8(model: nn.Module, cfg: Float8Config, device_type: str) -> 
     """Swap the model's eligible nn.Linear for torchao's Float8Linear, in place; no-op when disabled."""
     if not cfg.enable:
         return
+    # lazy: torchao loads only for float8 runs (it may be absent where float8 is off)
     from torchao.float8 import convert_to_float8_training
 
     emulate = emulates(cfg, device_type)
@@ -93,6 +94,7 @@ def emulates(cfg: Float8Config, device_type: str) -> bool:
 
 def build_linear_config(cfg: Float8Config, emulate: bool):
     """torchao's Float8LinearConfig for the recipe."""
+    # lazy: torchao loads only for float8 runs (it may be absent where float8 is off)
     from torchao.float8 import Float8LinearConfig
 
     if cfg.recipe_name == "tensorwise":
@@ -119,6 +121,7 @@ def build_module_filter(cfg: Float8Config, emulate: bool) -> Callable[[nn.Module
     not multiples of 16 always stays in high precision: the float8 matmul kernel cannot take it. A MoE
     router always does (the experts themselves are stacked weights, not linear layers: they stay in the
     training dtype)."""
+    # lazy: torchao loads only for float8 runs (it may be absent where float8 is off)
     from torchao.float8 import _auto_filter_for_recipe
 
     names = [f for f in cfg.filter_fqns if f != AUTO_FILTER]
@@ -154,6 +157,7 @@ def float8_tp_styles(cfg: Float8Config) -> tuple[type, type, type]:
                 "tensor-parallel collectives, and gloo (the CPU backend) has no float8 dtypes. Fix: float8=rowwise "
                 "(its TP collectives run in the training dtype), parallelism.tensor_parallel_degree=1, or CUDA (nccl)."
             )
+        # lazy: torchao loads only for float8 runs (it may be absent where float8 is off)
         from torchao.float8.float8_tensor_parallel import (
             Float8ColwiseParallel,
             Float8RowwiseParallel,
@@ -168,6 +172,7 @@ def precompute_float8_scales(model_parts: list[nn.Module], cfg: Float8Config) ->
     """After each optimizer step: one fused amax for all float8 weights (FSDP float8 all-gather)."""
     if not (cfg.enable and cfg.precompute_float8_dynamic_scale_for_fsdp):
         return
+    # lazy: torchao loads only for float8 runs (it may be absent where float8 is off)
     from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 
     for part in model_parts:

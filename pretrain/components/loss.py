@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from pretrain.distributed.compile import with_async_inputs_resolved
+
 if TYPE_CHECKING:
     from pretrain.config import CompileConfig
 
@@ -28,8 +30,6 @@ def build_loss_fn(compile_cfg: CompileConfig, loss_parallel: bool = False) -> Lo
     collective output (TP's gathered logits) are waited eagerly first, keeping their gradient path
     (see pretrain/distributed/compile.py)."""
     if compile_cfg.enable and "loss" in compile_cfg.components and not loss_parallel:
-        from pretrain.distributed.compile import with_async_inputs_resolved
-
         return with_async_inputs_resolved(torch.compile(cross_entropy_sum, backend=compile_cfg.backend))
     return cross_entropy_sum
 

@@ -86,6 +86,7 @@ def _pid_alive(pid: int) -> bool:
 
 def open_aim_run(job: JobConfig) -> Any:
     """Create the Aim run of this run directory, or reopen it when `aim_run_hash` names one."""
+    # lazy: aim takes seconds to import and loads only when metrics.enable_aim
     import aim
 
     repo_dir = os.path.abspath(os.path.expanduser(job.metrics.aim_repo or job.job.dump_folder))
@@ -135,6 +136,7 @@ def close_aim_run(run: Any) -> None:
     repo, run_hash = run.repo, run.hash
     run.close()
     try:
+        # lazy: only when a stale index lock is taken over
         from aim.sdk.index_manager import RepoIndexManager
 
         RepoIndexManager.get_index_manager(repo).index(run_hash)
@@ -144,6 +146,7 @@ def close_aim_run(run: Any) -> None:
 
 def _tensorboard_writer(log_dir: str) -> Any:
     try:
+        # lazy: tensorboard is optional and loads only when metrics.enable_tensorboard
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ConfigError(

@@ -19,6 +19,7 @@ __all__ = list(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'pretrain.data' has no attribute {name!r}")
+    # lazy: `pretrain.data` re-exports on first use, so `import pretrain.data.x` stays light
     import importlib
 
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     token = args.token or os.environ.get("HF_TOKEN") or None
     local_dir = os.path.expanduser(args.local_dir or default_local_dir(args.repo_id))
     try:
+        # lazy: only a hub source needs huggingface_hub; offline runs never load it
         from huggingface_hub import snapshot_download
 
         path = snapshot_download(
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _explain(error: Exception, repo_id: str) -> str:
+    # lazy: only a hub source needs huggingface_hub; offline runs never load it
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,

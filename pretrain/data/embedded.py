@@ -50,6 +50,7 @@ def _build() -> list[str]:
 
 
 def _reference_topics() -> list[str]:
+    # lazy: a large module, read only when the embedded corpus is built
     from pydoc_data.topics import topics
 
     return [topics[name].strip() for name in sorted(topics)]

@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING
 
 from pretrain.config import DataConfig
+from pretrain.data.embedded import embedded_documents
 from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -27,12 +28,11 @@ _BUILDER_BY_SUFFIX = {  # data.path=local: the builder of each file extension; l
 
 def open_text_stream(data: DataConfig) -> datasets.IterableDataset:
     """The documents of `data` in a fixed order, as an HF IterableDataset of dicts holding `data.text_field`."""
+    # lazy: datasets takes seconds to import; config checks of data paths must not wait for it
     import datasets
 
     text_column = data.text_field
     if data.path == "embedded":
-        from pretrain.data.embedded import embedded_documents
-
         text_column = "text"
         stream = datasets.Dataset.from_dict({"text": embedded_documents(data.cache_dir)})
     elif data.path in FILE_BUILDERS:
@@ -54,6 +54,7 @@ def open_text_stream(data: DataConfig) -> datasets.IterableDataset:
 
 def _load_hub_layout(data: DataConfig):
     """A hub id, or a local directory laid out like the hub repo: the very same load_dataset call."""
+    # lazy: datasets takes seconds to import; config checks of data paths must not wait for it
     import datasets
 
     local_root = os.path.expanduser(data.path)

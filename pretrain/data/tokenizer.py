@@ -18,6 +18,10 @@ import os
 import platform
 from abc import ABC, abstractmethod
 
+import sentencepiece as spm
+from filelock import FileLock
+from tokenizers import Tokenizer as RustTokenizer
+
 from pretrain.config import DataConfig, ModelConfig
 from pretrain.data.sources import open_text_stream, resolve_local_files
 from pretrain.errors import ConfigError
@@ -65,8 +69,6 @@ class Tokenizer(ABC):
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: str):
-        import sentencepiece as spm
-
         try:
             self._sp = spm.SentencePieceProcessor(model_file=model_file)
         except (RuntimeError, OSError) as e:
@@ -97,8 +99,6 @@ _KNOWN_EOS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 
 class HFTokenizer(Tokenizer):
     def __init__(self, tokenizer_json: str):
-        from tokenizers import Tokenizer as RustTokenizer
-
         self._tok = RustTokenizer.from_file(tokenizer_json)
         self.source = tokenizer_json
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may be sparse (Qwen)
@@ -184,8 +184,6 @@ def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
 def tokenizer_cache_key(data: DataConfig, vocab_size: int) -> str:
     """Names the trained tokenizer after everything that changes it: corpus source and files, text field,
     vocab size, sentencepiece version and trainer options."""
-    import sentencepiece
-
     facts = {
         "path": data.path if data.path == "embedded" else _absolute_if_local(data.path),
         "config_name": data.config_name,
@@ -195,7 +193,7 @@ def tokenizer_cache_key(data: DataConfig, vocab_size: int) -> str:
         "text_field": data.text_field,
         "vocab_size": vocab_size,
         "sample_chars": TOKENIZER_SAMPLE_CHARS,
-        "sentencepiece": sentencepiece.__version__,
+        "sentencepiece": spm.__version__,
         "options": SENTENCEPIECE_TRAINER_OPTIONS,
         # the embedded corpus is the docstrings of this Python's standard library
         "python": platform.python_version() if data.path == "embedded" else "",
@@ -213,8 +211,6 @@ def _absolute_if_local(path: str) -> str:
 def _trained_tokenizer(data: DataConfig, vocab_size: int) -> SentencePieceTokenizer:
     """Train once, then load from the cache. Safe when every rank calls it at once: the first one to take
     the file lock trains, the others wait and load; the model is written under a temporary name and renamed."""
-    from filelock import FileLock
-
     folder = os.path.join(os.path.expanduser(data.cache_dir), "tokenizers")
     os.makedirs(folder, exist_ok=True)
     model_file = os.path.join(folder, tokenizer_cache_key(data, vocab_size) + ".model")
@@ -231,8 +227,6 @@ def _trained_tokenizer(data: DataConfig, vocab_size: int) -> SentencePieceTokeni
 
 
 def _train_sentencepiece(data: DataConfig, vocab_size: int) -> bytes:
-    import sentencepiece as spm
-
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(

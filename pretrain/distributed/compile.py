@@ -32,6 +32,9 @@ import torch
 from torch import nn
 
 from pretrain import torch_compat
+from pretrain.config import ConfigError
+from pretrain.distributed.context_parallel import ContextParallelAttention
+from pretrain.models.common.moe import GroupedExperts
 
 if TYPE_CHECKING:
     from pretrain.config import CompileConfig
@@ -88,8 +91,6 @@ def with_async_inputs_resolved(fn: Callable) -> Callable:
 
 def _exclude_context_parallel_attention(block: nn.Module) -> bool:
     """Mark the block's context-parallel attention ops to run eagerly; True if it has any."""
-    from pretrain.distributed.context_parallel import ContextParallelAttention
-
     found = False
     for module in block.modules():
         op = getattr(module, "attention_op", None)
@@ -102,8 +103,6 @@ def _exclude_context_parallel_attention(block: nn.Module) -> bool:
 def _exclude_experts(block: nn.Module) -> bool:
     """Run a MoE layer's experts eagerly (their batches are sized by the routing, and under EP/TP their
     weights are sharded DTensors used through their local blocks); True if the block has any."""
-    from pretrain.models.common.moe import GroupedExperts
-
     found = False
     for module in block.modules():
         if isinstance(module, GroupedExperts):
@@ -115,8 +114,6 @@ def _exclude_experts(block: nn.Module) -> bool:
 def enable_async_tp(tp_mesh) -> None:
     """Micro-pipelined TP: inductor fuses each all-gather/reduce-scatter with its matmul and overlaps
     them through symmetric memory (CUDA only; checked in feature_checks and on the device)."""
-    from pretrain.config import ConfigError
-
     if tp_mesh.device_type != "cuda":
         raise ConfigError(
             "parallelism.enable_async_tensor_parallel=true needs CUDA, but this rank runs on "

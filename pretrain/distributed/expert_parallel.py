@@ -30,6 +30,8 @@ from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import PrepareModuleInputOutput, parallelize_module
 
+from pretrain.distributed.fsdp import fsdp_unit_options
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -165,7 +167,6 @@ def shard_experts(blocks: list[nn.Module], dims: ParallelDims, job: JobConfig) -
     block parameters."""
     if not dims.ep_enabled:
         return
-    from pretrain.distributed.fsdp import fsdp_unit_options
 
     mesh = dims.expert_fsdp_mesh()
     options = fsdp_unit_options(mesh, job.training, job.parallelism)

@@ -20,7 +20,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from pretrain.config.degrees import Degrees
+from pretrain.torch_compat import flatten_mesh
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -42,9 +45,6 @@ class ParallelDims(Degrees):
         """The world's DeviceMesh and its flattened views; None for a single process."""
         if self.world_size == 1:
             return None
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from pretrain.torch_compat import flatten_mesh
 
         if self.ep_enabled:
             return self._build_mesh_with_ep(device_type)
@@ -59,10 +59,6 @@ class ParallelDims(Degrees):
         return mesh
 
     def _build_mesh_with_ep(self, device_type: str) -> DeviceMesh:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from pretrain.torch_compat import flatten_mesh
-
         in_ep = self.ep // self.cp
         sizes = (self.pp, self.dp_replicate, self.dp_shard // in_ep, in_ep, self.cp, self.tp)
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=EP_MESH_DIMS)

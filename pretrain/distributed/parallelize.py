@@ -21,6 +21,7 @@ from pretrain.components.float8 import float8_tp_styles
 from pretrain.config.features import compiles_model
 from pretrain.distributed.activation_checkpoint import apply_ac
 from pretrain.distributed.compile import apply_compile, enable_async_tp
+from pretrain.distributed.context_parallel import apply_context_parallel
 from pretrain.distributed.expert_parallel import apply_moe_parallel, shard_experts
 from pretrain.distributed.fsdp import apply_fsdp
 from pretrain.distributed.tensor_parallel import apply_tp_plan
@@ -62,8 +63,6 @@ def parallelize_decoder(model: nn.Module, dims: ParallelDims, job: JobConfig, bl
         if getattr(block, "moe", None) is not None:
             apply_moe_parallel(block.moe, dims)
     if dims.cp_enabled:
-        from pretrain.distributed.context_parallel import apply_context_parallel
-
         apply_context_parallel(model, dims, job)
     apply_ac(model.layers, job.activation_checkpoint)
     if compiles_model(job):

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 from torch.distributed.tensor import DTensor
 
 from pretrain import torch_compat
@@ -141,8 +143,6 @@ def split_for_rank(
 
 def schedule_class(name: str) -> type:
     """torch's schedule class of that name; a clear error where the installed torch lacks it."""
-    from torch.distributed.pipelining.schedules import get_schedule_class
-
     try:
         return get_schedule_class(name)
     except ValueError:
@@ -160,9 +160,6 @@ class Pipeline:
         self, parts: list[nn.Module], dims: ParallelDims, job: JobConfig, device: torch.device, loss_fn: LossFn,
         after_metadata_pass: Callable[[], None] = lambda: None,
     ):
-        from torch.distributed.pipelining import PipelineStage
-        from torch.distributed.pipelining.schedules import PipelineScheduleSingle
-
         p = job.parallelism
         self.device = device
         self.group = dims.mesh("pp").get_group()

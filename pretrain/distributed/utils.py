@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from pretrain import torch_compat
 from pretrain.config import ClusterConfig
@@ -58,8 +59,6 @@ def clip_grad_norm_(
     """Total gradient norm over all ranks (sharded DTensor grads included; with pipeline stages, the
     squared norms of all stages are summed over `pp_group`); clips when max_norm > 0.
     Returns a plain tensor holding the norm before clipping."""
-    from torch.distributed.tensor import DTensor
-
     # DTensor norms reduce over their own mesh; under expert parallelism the experts live on another mesh
     # than the rest, so the squares are summed per mesh, then added (and clipping runs per mesh)
     by_mesh: dict = {}

@@ -25,6 +25,7 @@ def launch_points(config_loader: Any, config: DictConfig, job_overrides: Sequenc
     points = hydra_points(config_loader, config, job_overrides)
     # checked here at full scale, nothing is queued
     if points and all(p.job is not None and p.job.dry_run for p in points):
+        # lazy: a sweep that only queues jobs never builds a model
         from pretrain.dry_run import dry_run
 
         for p in points:

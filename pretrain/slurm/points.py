@@ -53,6 +53,7 @@ def point_dir_name(name: str, distinct: Sequence[str] = ()) -> str:
 
 def hydra_points(config_loader, base_config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list[Point]:
     """Compose and validate every point of a Hydra multirun, as `run_job` would compose it."""
+    # lazy: HydraConfig exists only inside a Hydra run
     from hydra.core.hydra_config import HydraConfig
 
     points = [Point(index=i, overrides=list(o), run_dir="") for i, o in enumerate(job_overrides)]

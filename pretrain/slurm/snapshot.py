@@ -21,6 +21,7 @@ from typing import Any
 
 def take_snapshot(dest_dir: str) -> str:
     """Copy the `pretrain` package into `dest_dir`; returns the directory to put on sys.path."""
+    # lazy: this module is pickled by value; names are imported where it runs
     import pretrain
 
     source = os.path.dirname(os.path.abspath(pretrain.__file__))
@@ -44,6 +45,7 @@ class SnapshotEntry:
 
     def checkpoint(self, payload: bytes) -> Any:
         """submitit calls this on preemption or timeout: requeue the same call (the run resumes from its checkpoint)."""
+        # lazy: this module is pickled by value; names are imported where it runs
         import submitit
 
         return submitit.helpers.DelayedSubmission(self, payload)
@@ -52,6 +54,7 @@ class SnapshotEntry:
 @contextlib.contextmanager
 def pickled_by_value() -> Iterator[None]:
     """While open, cloudpickle (submitit's pickler) embeds this module's classes instead of importing them."""
+    # lazy: this module is pickled by value; names are imported where it runs
     import cloudpickle
 
     module = sys.modules[__name__]

@@ -102,6 +102,7 @@ def _distinct(clusters: list) -> list:
 
 def _submit(valid: Sequence[Point], submission_dir: str, code_dir: str) -> list:
     """One job (or one job array) per distinct resource request; returns the jobs in `valid`'s order."""
+    # lazy: submitit loads only when something is submitted
     import cloudpickle
     import submitit
 
@@ -127,6 +128,7 @@ def _submit(valid: Sequence[Point], submission_dir: str, code_dir: str) -> list:
 
 
 def _task_paths(job: Any, task: int) -> Any:
+    # lazy: submitit loads only when something is submitted
     from submitit.core.utils import JobPaths
 
     return JobPaths(job.paths.folder, job_id=job.job_id, task_id=task)
@@ -185,6 +187,7 @@ def _wait_and_report(valid: Sequence[Point], jobs: list) -> int:
 
 def job_outcome(job: Any, num_tasks: int) -> tuple[str, str]:
     """("completed", "") when every task returned, else ("failed", what went wrong)."""
+    # lazy: submitit loads only when something is submitted
     from submitit.core.utils import pickle_load
 
     errors, silent = [], []

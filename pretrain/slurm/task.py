@@ -16,6 +16,7 @@ class SlurmTask:
         self.job = job
 
     def __call__(self) -> int:
+        # lazy: unpickled on the node, imported from the code snapshot now on sys.path
         import submitit
 
         from pretrain import preemption
@@ -28,11 +29,13 @@ class SlurmTask:
         os.environ.setdefault("OMP_NUM_THREADS", str(cluster.cpus_per_task))
         preemption.install()  # in front of submitit's SIGUSR2 handler, which it calls after checkpointing
         if dist_env.rank == 0:
+            # lazy: unpickled on the node, imported from the code snapshot now on sys.path
             import pretrain
 
             code = os.path.dirname(os.path.dirname(os.path.abspath(pretrain.__file__)))
             print(f"rank 0 of {dist_env.world_size}; code snapshot {code}; run dir {self.job.job.run_dir}", flush=True)
 
+        # lazy: from the snapshot, like the imports above
         from pretrain.train import main  # cuda:LOCAL_RANK or CPU, process group from the environment
 
         try:

@@ -24,6 +24,7 @@ ConfigStore.instance().store(
 
 class PretrainSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        # lazy: Hydra imports every plugin at start; ours loads only when chosen
         from pretrain.slurm.hydra_launcher import (
             launch_points,  # imported when used: Hydra scans this module at every start
         )
