@@ -91,7 +91,7 @@ class Trainer:
         self.lr_scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(
             job.checkpoint, job.job.run_dir, self.model_parts, self.optimizer, self.lr_scheduler, self.dataloader,
-            is_rank0(),
+            is_rank0(), job=job,
         )
         self.state = self.checkpoint.load()
         self.nonfinite_steps = 0  # steps whose update was dropped (training.on_nonfinite=skip)

@@ -29,7 +29,7 @@ from pretrain.checkpoint.async_save import AsyncSaver
 from pretrain.checkpoint.initial_load import initial_load
 from pretrain.checkpoint.safe_reader import SafeFileSystemReader
 from pretrain.checkpoint.state import TRAIN_STATE, LiveState, TrainState, complete_steps
-from pretrain.config import CheckpointConfig
+from pretrain.config import CheckpointConfig, JobConfig
 from pretrain.distributed.fsdp import DTYPES
 from pretrain.errors import ConfigError, TrainingHalted
 from pretrain.log import logger
@@ -47,8 +47,10 @@ class CheckpointManager:
         lr_scheduler: Any,
         dataloader: Any,
         is_rank0: bool,
+        job: JobConfig | None = None,
     ):
         self.cfg = cfg
+        self.job = job  # the whole run's config: what a checkpoint records about the run that wrote it
         self.folder = os.path.join(run_dir, cfg.folder)
         self.live = LiveState(model_parts, optimizer, lr_scheduler, dataloader)
         self.is_rank0 = is_rank0
