@@ -6,7 +6,6 @@
     python launch.py --help | --cfg job
 """
 
-import os
 import sys
 
 import hydra
@@ -14,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pretrain.config import ConfigError, register_configs, resolve
+from pretrain.rundir import remove_if_created
 
 register_configs()
 
@@ -25,9 +25,7 @@ def main(cfg: DictConfig) -> None:
         job = resolve(cfg, run_dir=run_dir)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        while os.path.isdir(run_dir) and not os.listdir(run_dir) and run_dir not in (os.getcwd(), "/"):
-            os.rmdir(run_dir)  # the empty run directory Hydra made for a run that never starts
-            run_dir = os.path.dirname(run_dir)
+        remove_if_created(run_dir)  # the empty folders Hydra made for a run that never starts, nothing else
         sys.exit(2)
     if job.dry_run:
         # lazy: `--help` and a refused config answer before torch loads

@@ -4,6 +4,8 @@
   names the key or file, the value and a fix. The shell sees exit code 2 and no traceback.
 - TrainingHalted: the run stopped itself on purpose (a non-finite loss, a failed save); the message says at
   which step, what was kept and how to go on. Exit code 3.
+- RunStopped: a signal (Ctrl-C, SIGTERM) stopped a local run after a step, checkpointed; exit 128 + the
+  signal's number, as a shell reports a process ended by it (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ class ConfigError(ValueError):
 
 class TrainingHalted(RuntimeError):
     """The run stopped itself on purpose; the message says at which step, what was kept and how to go on."""
+
+
+class RunStopped(Exception):
+    """A signal stopped the run after a step; the message says where and how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -5,17 +5,25 @@ instead (pretrain/slurm/: one task per device, each running the same `train.main
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 import uuid
 
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from pretrain import preemption
 from pretrain.config import JobConfig
-from pretrain.errors import EXIT_HALTED, EXIT_USER_ERROR, ConfigError, TrainingHalted
+from pretrain.errors import EXIT_HALTED, EXIT_USER_ERROR, ConfigError, RunStopped, TrainingHalted
+from pretrain.rundir import HELD_ENV, RunLock
 from pretrain.train import main
+
+STOPPED_FILE = "stopped.txt"  # in the error folder: a rank stopped by a signal, after its checkpoint
 
 
 def launch(job: JobConfig) -> int:
@@ -23,29 +31,60 @@ def launch(job: JobConfig) -> int:
     # launch.py reaches this only with hydra.mode=RUN; the usual path is the Hydra launcher
     if job.cluster.name == "slurm":
         return submit_to_slurm(job)
-    if job.cluster.nproc_per_node == 1:
-        try:
-            main(job)
-        except TrainingHalted as e:  # the run stopped itself (non-finite loss, failed save)
-            print(f"stopped: {e}", file=sys.stderr)
-            return EXIT_HALTED
-        except ConfigError as e:  # a user error found at run time (data, tokenizer, checkpoint)
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        return 0
-    with tempfile.TemporaryDirectory(prefix="pretrain-errors-") as error_dir:
-        return _launch_local_processes(job, error_dir)
+    lock = RunLock(job.job.run_dir)  # one live run per run directory, held here for every local rank
+    try:
+        lock.acquire()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    os.environ[HELD_ENV] = os.path.abspath(job.job.run_dir)
+    try:
+        if job.cluster.nproc_per_node == 1:
+            return _run_here(job)
+        with tempfile.TemporaryDirectory(prefix="pretrain-errors-") as error_dir:
+            return _launch_local_processes(job, error_dir)
+    finally:
+        os.environ.pop(HELD_ENV, None)
+        lock.release()
+
+
+def _run_here(job: JobConfig) -> int:
+    """The one rank, in this process."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    preemption.install_local("single")
+    try:
+        main(job)
+    except TrainingHalted as e:  # the run stopped itself (non-finite loss, failed save)
+        print(f"stopped: {e}", file=sys.stderr)
+        return EXIT_HALTED
+    except ConfigError as e:  # a user error found at run time (data, tokenizer, checkpoint)
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except RunStopped as e:
+        print(f"stopped by {signal.Signals(e.exit_code - 128).name} {e}", file=sys.stderr)
+        return e.exit_code
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    return 0
 
 
 def run_rank(job: JobConfig, error_dir: str) -> None:
     """One rank started by the elastic launcher: a user error or a halt leaves its message in `error_dir`
-    and exits with its own code, so the launcher reports it once, without a traceback."""
+    and exits with its own code, so the launcher reports it once, without a traceback. A stop on a signal
+    leaves its message too, and exits 0: no rank is a failure the launcher would end the others for."""
+    preemption.install_local("rank")
+    rank = os.environ.get("RANK", "0")
     try:
         main(job)
     except (ConfigError, TrainingHalted) as e:
-        with open(os.path.join(error_dir, f"rank-{os.environ.get('RANK', '0')}.txt"), "w") as f:
+        with open(os.path.join(error_dir, f"rank-{rank}.txt"), "w") as f:
             f.write(str(e))
         sys.exit(EXIT_USER_ERROR if isinstance(e, ConfigError) else EXIT_HALTED)
+    except RunStopped as e:
+        if rank == "0":
+            with open(os.path.join(error_dir, STOPPED_FILE), "w") as f:
+                f.write(str(e))
 
 
 def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
@@ -67,9 +106,15 @@ def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
         monitor_interval=0.2,
         start_method="spawn",
     )
+    signals = _PassSignalsOn()
     try:
-        elastic_launch(config, entrypoint=run_rank)(job, error_dir)
+        signals.run(lambda: elastic_launch(config, entrypoint=run_rank)(job, error_dir), nproc)
     except ChildFailedError as e:
+        if signals.received:
+            stopped = ("the ranks were ended at once, without a checkpoint; the same command resumes from the "
+                       "last complete one")
+            print(f"stopped by {signals.received[0].name}: {stopped}.", file=sys.stderr)
+            return 128 + signals.received[0]
         for rank in sorted(e.failures):  # every rank stops at the same step: the lowest one that said why
             code, path = e.failures[rank].exitcode, os.path.join(error_dir, f"rank-{rank}.txt")
             if code in (EXIT_USER_ERROR, EXIT_HALTED) and os.path.isfile(path):
@@ -81,7 +126,58 @@ def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
                 return code
         print(f"error: training failed on rank(s) {sorted(e.failures)}:\n{e.format_msg()}", file=sys.stderr)
         return 1
+    stopped = os.path.join(error_dir, STOPPED_FILE)
+    if os.path.isfile(stopped):
+        signum = signals.received[0] if signals.received else signal.SIGTERM
+        with open(stopped) as f:
+            print(f"stopped by {signum.name} {f.read()}", file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+class _PassSignalsOn:
+    """While the ranks run, Ctrl-C or SIGTERM of this process reaches each rank once, as SIGTERM (they finish
+    their step and checkpoint); a second one kills them. The elastic launcher runs in a thread, so it installs
+    no handlers of its own (it would end the ranks at once); SIGINT is ignored while the ranks start, so they
+    inherit that and a terminal's Ctrl-C, sent to the whole process group, reaches them only through here."""
+
+    def __init__(self):
+        self.received: list[signal.Signals] = []
+
+    def run(self, fn, nproc: int) -> None:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        outcome: dict = {}
+
+        def target():
+            try:
+                fn()
+            except BaseException as e:  # handed to the calling thread
+                outcome["error"] = e
+
+        thread = threading.Thread(target=target, name="elastic-launch", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while thread.is_alive() and len(multiprocessing.active_children()) < nproc and time.monotonic() < deadline:
+            time.sleep(0.05)  # the ranks are started with SIGINT ignored
+        try:
+            for s in previous:
+                signal.signal(s, self._pass_on)
+            while thread.is_alive():
+                thread.join(0.2)  # wakes up for the signal handler
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if "error" in outcome:
+            raise outcome["error"]
+
+    def _pass_on(self, signum: int, frame) -> None:
+        self.received.append(signal.Signals(signum))
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signal.SIGTERM if len(self.received) == 1 else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def submit_to_slurm(job: JobConfig) -> int:

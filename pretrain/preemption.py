@@ -19,8 +19,13 @@ optimizer step the loop calls `checkpoint_and_requeue_if_signalled`, which
   4. stops every rank without a result, so the job is never reported finished while it is requeued.
 
 The requeued job starts from the same pickle, finds the checkpoint in its run directory and resumes,
-so its loss trajectory is the one of an uninterrupted run. Outside a SLURM task nothing is installed
-and the hook returns at once.
+so its loss trajectory is the one of an uninterrupted run.
+
+Local runs (`install_local`): Ctrl-C (SIGINT) or SIGTERM lets every rank finish its step; the run then
+checkpoints and stops with RunStopped (exit 130 or 143), and the same command resumes. A second signal
+ends the process at once (its handler is back to the default after the first). With several local
+processes the launching process hears the signal and passes it on to its ranks as SIGTERM (they ignore
+SIGINT, so a Ctrl-C at the terminal reaches each rank once); a rank whose launcher is gone stops too.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import signal
 from typing import Any, Optional
 
+from pretrain.errors import RunStopped
 from pretrain.log import logger
 
 REQUEUE_SIGNAL = signal.SIGUSR2  # submitit's default preemption/timeout signal (it asks for --signal=USR2@N)
@@ -37,6 +43,7 @@ HANDLED = (STOP_SIGNAL, REQUEUE_SIGNAL)  # in the order their previous handlers 
 
 _previous_handlers: dict[int, Any] = {}  # signal -> what was installed before us (submitit's handlers)
 _received: set[int] = set()
+_local: dict[str, Any] = {}  # local runs: {"role": "single" | "rank", "parent": the launcher's pid}
 
 
 def install() -> None:
@@ -46,6 +53,26 @@ def install() -> None:
         _previous_handlers[signum] = signal.signal(signum, _record_signal)
 
 
+def install_local(role: str) -> None:
+    """Local runs, from the main thread: "single" (the one process) handles SIGINT and SIGTERM; "rank" (one of
+    the launcher's processes) handles SIGTERM and ignores SIGINT, which its launcher passes on."""
+    _received.clear()
+    _local.update(role=role, parent=os.getppid())
+    if role == "rank":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _record_local_signal)
+    else:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _record_local_signal)
+
+
+def _record_local_signal(signum: int, frame: Any) -> None:
+    _received.add(signum)
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    logger.warning(f"received {signal.Signals(signum).name}: finishing this step, checkpointing, then stopping "
+                   "(send it again to stop at once, without a checkpoint)")
+
+
 def _record_signal(signum: int, frame: Any) -> None:
     _received.add(signum)
     logger.warning(f"received {signal.Signals(signum).name}: checkpointing after this step, then stopping")
@@ -53,18 +80,21 @@ def _record_signal(signum: int, frame: Any) -> None:
 
 def received_on_any_rank() -> list[int]:
     """The handled signals that any rank received (collective when more than one rank)."""
-    if not _previous_handlers:
+    if not _previous_handlers and not _local:
         return []
     # lazy: install() runs in the SLURM task before torch is imported
     import torch
     import torch.distributed as dist
 
-    flags = [1 if s in _received else 0 for s in HANDLED]
+    if _local.get("role") == "rank" and os.getppid() != _local["parent"]:
+        _received.add(signal.SIGTERM)  # the launcher is gone, and the run directory's lock with it
+    handled = (signal.SIGINT, *HANDLED)
+    flags = [1 if s in _received else 0 for s in handled]
     if dist.is_initialized() and dist.get_world_size() > 1:
         agreed = torch.tensor(flags, dtype=torch.int32)  # CPU: gloo, or the cpu half of cuda:nccl,cpu:gloo
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         flags = agreed.tolist()
-    return [s for s, flag in zip(HANDLED, flags) if flag]
+    return [s for s, flag in zip(handled, flags) if flag]
 
 
 def checkpoint_and_requeue_if_signalled(checkpoint: Any, state: Any) -> None:
@@ -76,11 +106,17 @@ def checkpoint_and_requeue_if_signalled(checkpoint: Any, state: Any) -> None:
     import torch.distributed as dist
 
     if not checkpoint.cfg.enable:
-        logger.warning("checkpoint.enable=false: a requeued job starts again from step 0")
+        logger.warning("checkpoint.enable=false: nothing is saved; the run starts again from step 0")
     else:
         checkpoint.wait()  # a background save of this very step may be in flight
         if not os.path.isdir(os.path.join(checkpoint.folder, f"step-{state.step}")):
             checkpoint.save(state, blocking=True)
+    if _local:
+        if dist.is_initialized():
+            dist.barrier()  # every rank's part of the checkpoint is written
+        saved = (f"checkpoint step-{state.step} is in {checkpoint.folder}; run the same command to resume from it"
+                 if checkpoint.cfg.enable else "checkpoint.enable=false, so nothing was saved")
+        raise RunStopped(f"after step {state.step}: {saved}.", received[0])
     exit_error: Optional[BaseException] = None
     for signum in received:
         previous = _previous_handlers.get(signum)

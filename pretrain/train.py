@@ -42,6 +42,7 @@ from pretrain.distributed.utils import (
 from pretrain.errors import TrainingHalted
 from pretrain.log import init_logging, is_rank0, logger
 from pretrain.models import get_model_spec
+from pretrain.rundir import take_run_lock
 
 
 class Trainer:
@@ -51,6 +52,8 @@ class Trainer:
         self.device = pick_device(job.cluster)
         set_cpu_threads(self.device)
         init_distributed(self.device, timeout_s=job.comm.init_timeout_seconds)
+        # one live run per run directory: taken here unless the local launcher holds it (a SLURM job, a test)
+        self.run_lock = take_run_lock(job.job.run_dir, dist.get_rank())
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -240,7 +243,8 @@ class Trainer:
                     start = time.perf_counter()
                     self.checkpoint.save(state, last=state.step == t.steps)
                     window_start, window_tokens = time.perf_counter(), 0  # saves are not training throughput
-                preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)  # SLURM: save, stop, requeue
+                # a signal: save this step, then stop (locally) or requeue (SLURM)
+                preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)
             self.checkpoint.wait()  # a background save still in flight is on disk before the run ends
 
     def _log_step(self, state, loss, grad_norm, lr: float, tokens: int, seconds: float, since_start: float) -> None:
@@ -276,6 +280,8 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 @record
