@@ -17,9 +17,8 @@ from torch import nn
 
 from pretrain import torch_compat
 from pretrain.components.float8 import convert_to_float8
+from pretrain.components.memory import estimate_activations
 from pretrain.config import JobConfig
-from pretrain.config.features import selective_every_n
-from pretrain.config.model import ffn_hidden_dim
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.parallelize import parallelize_decoder
@@ -46,64 +45,6 @@ class RankMemory:
 def local_numel(p: torch.Tensor) -> int:
     """Elements this rank stores: the local shard of a DTensor, else the whole tensor."""
     return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-
-
-def _saved_per_token(job: JobConfig, dims: ParallelDims) -> tuple[float, float, float]:
-    """Bytes in 16-bit that one layer keeps per token of the rank's tokens: (without AC, with the block
-    wrapped for full recompute, under the per-op selective policy). D below is dim / tp (sequence parallel
-    shards what sits between the TP regions, heads and FFN units shard what is inside)."""
-    m, tp = job.model, dims.tp
-    d = m.dim / tp
-    none = 34 * d  # Korthikanti et al. 2022, table 2, without the T x T scores (fused attention)
-    full = 2 * d  # the block input only
-    # the per-op policy (pretrain.distributed.activation_checkpoint) keeps the block input, the attention
-    # output, and the 1st, 3rd, 5th and 7th matmul of the Llama block: wq (D), wv (D x K/H), w1 (F), w2
-    # (D; its rowwise output is a full-size partial sum under TP), plus with TP the two reduce-scatter
-    # outputs (attention and FFN, D each). Llama 3 8B, tp=1: (4 + 0.25) D + 3.5 D = 7.75 D elements,
-    # i.e. 15.5 D bytes in 16-bit, about 0.46 of the 34 D without AC.
-    kv_ratio = (m.n_kv_heads or m.n_heads) / m.n_heads
-    elements = (3 + kv_ratio) * d + ffn_hidden_dim(m) / tp + m.dim + (2 * d if tp > 1 else 0)
-    return none, full, 2 * elements
-
-
-def estimate_activations(job: JobConfig, dims: ParallelDims, layers_on_rank: int, compute_bytes: int) -> int:
-    """Saved activations per transformer layer without recomputation, with a fused attention kernel
-    (no T x T matrix): about 34 x B x T x D bytes in 16-bit (Korthikanti et al. 2022, table 2, with
-    sequence parallel dividing every term by tp), scaled to the compute dtype; T is split by cp.
-    Pipelining keeps up to `pp` micro-batches in flight on the first stage (1F1B), and the last stage
-    holds fp32 logits of B x T x V / tp.
-
-    Activation checkpointing changes what each layer keeps (see _saved_per_token):
-      full           the block input (2 D per token in 16-bit) per layer and micro-batch in flight, plus one
-                     block's full activations while it is recomputed in backward
-      selective op   the per-op policy's outputs, (2 x (3 + K/H) D + 2 F + 2 dim) per token (about 0.46 of
-                     no AC for Llama 3 8B), plus the recompute of one block's remaining activations
-      selective N    layers_on_rank // N blocks as in full (the wrapped blocks are every N-th layer id, so a
-                     stage holds this many or one more: the estimate errs high), the others as no AC
-      memory_budget  the compiler's target: budget x (no AC) + (1 - budget) x (full) per layer; the
-                     partitioner only approximates it"""
-    m, t, ac = job.model, job.training, job.activation_checkpoint
-    micro = job.parallelism.pipeline_parallel_microbatch_size if dims.pp_enabled else t.local_batch_size
-    tokens = micro * t.seq_len // dims.cp
-    in_flight = min(dims.pp, t.local_batch_size // micro) if dims.pp_enabled else 1
-    logits = tokens * m.vocab_size // dims.tp * 4
-    none, full, selective_op = _saved_per_token(job, dims)
-    every_n = 1 if ac.mode == "full" else selective_every_n(ac.selective_ac_option) if ac.mode == "selective" else 0
-    recompute_peak = 0.0  # activations of the one block being recomputed in backward
-    if every_n:
-        n_wrapped = layers_on_rank // every_n
-        kept = n_wrapped * full + (layers_on_rank - n_wrapped) * none
-        recompute_peak = none - full if n_wrapped else 0.0
-    elif ac.mode == "selective":
-        kept = layers_on_rank * selective_op
-        recompute_peak = max(none - selective_op, 0.0)
-    elif ac.mode == "memory_budget":
-        kept = layers_on_rank * (ac.memory_budget * none + (1 - ac.memory_budget) * full)
-        recompute_peak = (1 - ac.memory_budget) * (none - full)
-    else:
-        kept = layers_on_rank * none
-    per_token_16bit = kept * in_flight + recompute_peak
-    return int(per_token_16bit * tokens * compute_bytes / 2) + logits
 
 
 def gathered_numel(block: nn.Module, dims: ParallelDims) -> int:

@@ -20,7 +20,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from pretrain import preemption
 from pretrain.config import JobConfig
 from pretrain.errors import EXIT_HALTED, EXIT_USER_ERROR, ConfigError, RunStopped, TrainingHalted
-from pretrain.rundir import HELD_ENV, RunLock
+from pretrain.rundir import HELD_ENV, RunLock, remove_if_created
 from pretrain.train import main
 
 STOPPED_FILE = "stopped.txt"  # in the error folder: a rank stopped by a signal, after its checkpoint
@@ -38,13 +38,18 @@ def launch(job: JobConfig) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     os.environ[HELD_ENV] = os.path.abspath(job.job.run_dir)
+    code = 1
     try:
         if job.cluster.nproc_per_node == 1:
-            return _run_here(job)
-        with tempfile.TemporaryDirectory(prefix="pretrain-errors-") as error_dir:
-            return _launch_local_processes(job, error_dir)
+            code = _run_here(job)
+        else:
+            with tempfile.TemporaryDirectory(prefix="pretrain-errors-") as error_dir:
+                code = _launch_local_processes(job, error_dir)
+        return code
     finally:
         os.environ.pop(HELD_ENV, None)
+        if code == EXIT_USER_ERROR:  # refused before it wrote anything: the folders Hydra made for it go
+            remove_if_created(job.job.run_dir, lock_files=True)
         lock.release()
 
 

@@ -90,12 +90,16 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def remove_if_created(run_dir: str) -> None:
-    """Remove the empty folders Hydra made for `run_dir` in this invocation, and nothing else."""
+def remove_if_created(run_dir: str, lock_files: bool = False) -> None:
+    """Remove the empty folders Hydra made for `run_dir` in this invocation, and nothing else. `lock_files`:
+    the run's own lock (still held by the caller) goes too when it is all the folder holds."""
     run_dir = os.path.abspath(run_dir)
     stop = _existed.get(run_dir)
     if stop is None:  # not noted: the folder may be the user's own
         return
+    if lock_files and os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= {LOCK_FILE, HOLDER_FILE}:
+        for name in os.listdir(run_dir):
+            os.remove(os.path.join(run_dir, name))
     path = run_dir
     while path != stop and path.startswith(stop + os.sep) and os.path.isdir(path) and not os.listdir(path):
         os.rmdir(path)

@@ -21,6 +21,7 @@ from pretrain.checkpoint.state import complete_steps
 from pretrain.components.expert_load import ExpertLoad
 from pretrain.components.float8 import convert_to_float8, precompute_float8_scales
 from pretrain.components.loss import build_loss_fn, per_step_loss
+from pretrain.components.memory import check_activations_fit
 from pretrain.components.metrics import MetricsLogger, cuda_memory_stats, memory_gib, peak_flops, throughput
 from pretrain.components.optim import build_lr_scheduler, build_optimizer
 from pretrain.components.profiling import profile_steps
@@ -59,6 +60,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.dims = ParallelDims.from_config(job.parallelism, dist.get_world_size())
         self.dims.build_mesh(self.device.type)
+        check_activations_fit(job, self.dims, self.device)  # before any data is read or model built
         dp_mesh, loss_mesh = self.dims.mesh("dp"), self.dims.mesh("dp_cp")
         dp_rank = dp_mesh.get_local_rank() if dp_mesh is not None else 0
         # the loss is a mean over dp x cp: those ranks hold different tokens of the global batch

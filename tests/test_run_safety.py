@@ -112,3 +112,7 @@ def test_refused_config_leaves_the_users_folders_and_unwritable_dirs_are_refused
     out = run_launch([f"job.dump_folder={tmp_path / 'a_file' / 'runs'}", "training.steps=3"], cwd=tmp_path)
     assert out.returncode == 2 and "cannot write the run directory" in out.stderr and "job.dump_folder" in out.stderr
     assert "Traceback" not in out.stderr
+    # a batch whose activations cannot fit is refused before any data is read, and leaves nothing behind
+    out = run_launch([f"job.dump_folder={tmp_path / 'new' / 'runs'}", "training.seq_len=10000000"], cwd=tmp_path)
+    assert out.returncode == 2 and "training.seq_len=10000000" in out.stderr and "GiB" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "new").exists()
