@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.config import DataConfig, ModelConfig, validate_data
+from pretrain.config import ConfigError, DataConfig, ModelConfig, validate_data
 from pretrain.data.dataset import TokenWindowLoader
 from pretrain.data.embedded import embedded_documents
 from pretrain.data.sources import open_text_stream
@@ -244,7 +244,7 @@ def test_local_files_explicit_builder_and_wrong_field(tmp_path, tokenizer):
     data = DataConfig(path="json", data_files=[_write_local(tmp_path, "json")], text_field="content")
     assert [example["content"] for example in open_text_stream(data)] == PARAGRAPHS
     wrong_field = DataConfig(path="json", data_files=data.data_files, text_field="body")
-    with pytest.raises(KeyError, match="data.text_field='body'"):
+    with pytest.raises(ConfigError, match="data.text_field='body' is not a column"):
         TokenWindowLoader(wrong_field, tokenizer, SEQ_LEN, 1, 1).next_step()
 
 

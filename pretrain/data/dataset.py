@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from pretrain.config import DataConfig
-from pretrain.data.sources import open_text_stream
+from pretrain.data.sources import iter_texts, open_text_stream
 from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -92,16 +92,12 @@ class TokenWindowLoader:
         field = self._data.text_field
         for _ in range(3):  # the rest of a resumed epoch may be empty; a whole empty epoch means no data
             if self._documents is None:
-                if self._dataset_state_at_start is not None:
+                resumed = self._dataset_state_at_start is not None
+                if resumed:
                     self._dataset.load_state_dict(self._dataset_state_at_start)
-                self._documents = iter(self._dataset)
-            for example in self._documents:
-                if field not in example:
-                    raise KeyError(
-                        f"data.text_field={field!r} is not a column of data.path={self._data.path!r} "
-                        f"(columns: {sorted(example)}). Fix: set data.text_field to one of them."
-                    )
-                text = example[field]
+                # bad input (unreadable file, text that is not a string, no such column) raises ConfigError
+                self._documents = iter_texts(self._dataset, self._data, from_start=not resumed)
+            for text in self._documents:
                 if text:  # empty or missing documents are skipped, not packed as a lone [BOS, EOS]
                     return self._bos + self._tokenizer.encode(text) + self._eos
             self.epoch += 1

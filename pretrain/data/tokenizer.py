@@ -6,7 +6,8 @@
   3. otherwise a byte-fallback BPE sentencepiece model with `model.vocab_size` pieces, trained on the
      first few MB of the training corpus and cached under `<data.cache_dir>/tokenizers/`.
 The tokenizer's vocabulary must fit the embedding (`model.vocab_size`); BOS/EOS are added by the data
-loader, never by `encode`.
+loader, never by `encode`. A tokenizer file that cannot be used, or a corpus that cannot be trained on, is a
+ConfigError naming the file; a failed training leaves nothing in the cache.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from filelock import FileLock
 from tokenizers import Tokenizer as RustTokenizer
 
 from pretrain.config import DataConfig, ModelConfig
-from pretrain.data.sources import open_text_stream, resolve_local_files
+from pretrain.data.sources import iter_texts, open_text_stream, resolve_local_files
 from pretrain.errors import ConfigError
 from pretrain.log import logger
 
@@ -42,7 +43,7 @@ SENTENCEPIECE_TRAINER_OPTIONS = dict(
     split_digits=True,
     allow_whitespace_only_pieces=True,
     character_coverage=0.9995,
-    max_sentence_length=16384,  # bytes; longer lines are skipped by the trainer
+    max_sentence_length=16384,  # bytes; the trainer drops longer sentences, so _TrainingSample cuts long lines
     shuffle_input_sentence=False,  # with input_sentence_size=0 (all lines) training is deterministic
     input_sentence_size=0,
     hard_vocab_limit=False,  # a small corpus may give fewer pieces than asked; never more
@@ -80,7 +81,7 @@ class SentencePieceTokenizer(Tokenizer):
         self.vocab_size = self._sp.get_piece_size()
         self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
         if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"sentencepiece model {model_file} has no BOS or EOS piece "
                 f"(bos_id={self.bos_id}, eos_id={self.eos_id}). Fix: use a model trained with both."
             )
@@ -99,7 +100,13 @@ _KNOWN_EOS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")
 
 class HFTokenizer(Tokenizer):
     def __init__(self, tokenizer_json: str):
-        self._tok = RustTokenizer.from_file(tokenizer_json)
+        try:
+            self._tok = RustTokenizer.from_file(tokenizer_json)
+        except Exception as e:  # tokenizers raises a bare Exception for every file it cannot parse
+            raise ConfigError(
+                f"{tokenizer_json} is not a readable tokenizer.json ({e}). Fix: download it again "
+                "(python -m pretrain.data.download --repo-id ...), or point at another tokenizer."
+            ) from None
         self.source = tokenizer_json
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1  # ids may be sparse (Qwen)
         self.bos_id, self.eos_id = self._boundary_ids(os.path.dirname(tokenizer_json))
@@ -110,7 +117,7 @@ class HFTokenizer(Tokenizer):
         bos = named.get("bos_token") or next((t for t in _KNOWN_BOS if t in specials), None)
         eos = named.get("eos_token") or next((t for t in _KNOWN_EOS if t in specials), None)
         if eos is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.source}: cannot find an end-of-text token (no eos_token in tokenizer_config.json and none of "
                 f"{', '.join(_KNOWN_EOS)} among its special tokens {sorted(specials)[:8]}). "
                 "Fix: add the tokenizer_config.json of the model, or use a tokenizer that has one."
@@ -118,7 +125,10 @@ class HFTokenizer(Tokenizer):
         bos = bos or eos  # Qwen-style: one <|endoftext|> separates documents
         ids = self._tok.token_to_id(bos), self._tok.token_to_id(eos)
         if None in ids:
-            raise ValueError(f"{self.source}: BOS {bos!r} or EOS {eos!r} is not in the vocabulary.")
+            raise ConfigError(
+                f"{self.source}: BOS {bos!r} or EOS {eos!r} is not in the vocabulary. Fix: name tokens it has as "
+                "bos_token / eos_token in the tokenizer_config.json beside it, or use another tokenizer."
+            )
         return ids
 
     def encode(self, text: str) -> list[int]:
@@ -133,8 +143,16 @@ def _tokens_named_in_config(path: str) -> dict[str, str]:
     """bos_token / eos_token of an HF tokenizer_config.json (a string or {"content": ...}); {} if absent."""
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(
+            f"{path} is not valid JSON ({e}). Fix: download it again with the tokenizer, or remove it to use "
+            "the tokenizer's own special tokens."
+        ) from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} is not a JSON object. Fix: download it again with the tokenizer, or remove it.")
     named = {}
     for key in ("bos_token", "eos_token"):
         value = config.get(key)
@@ -193,6 +211,7 @@ def tokenizer_cache_key(data: DataConfig, vocab_size: int) -> str:
         "text_field": data.text_field,
         "vocab_size": vocab_size,
         "sample_chars": TOKENIZER_SAMPLE_CHARS,
+        "sample_version": 2,  # what _TrainingSample hands the trainer; 2: long lines cut to fit, the sample cut exactly
         "sentencepiece": spm.__version__,
         "options": SENTENCEPIECE_TRAINER_OPTIONS,
         # the embedded corpus is the docstrings of this Python's standard library
@@ -228,28 +247,71 @@ def _trained_tokenizer(data: DataConfig, vocab_size: int) -> SentencePieceTokeni
 
 def _train_sentencepiece(data: DataConfig, vocab_size: int) -> bytes:
     model = io.BytesIO()
+    sample = _TrainingSample(data)
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sample_lines(data),
+            sentence_iterator=iter(sample),
             model_writer=model,
             vocab_size=vocab_size,
             minloglevel=2,
             **SENTENCEPIECE_TRAINER_OPTIONS,
         )
     except RuntimeError as e:
+        if sample.error is not None:  # reading the corpus failed; sentencepiece reports it as a RuntimeError
+            raise sample.error from None
+        if sample.sentences == 0:
+            raise ConfigError(
+                f"data.path={data.path!r} has no text in data.text_field={data.text_field!r} to train the tokenizer "
+                "on. Fix: set data.text_field to the column that holds the text, or give data.tokenizer_path."
+            ) from None
+        if "Vocabulary size is smaller than required_chars" not in str(e):
+            raise
         raise ConfigError(
-            f"Cannot train a {vocab_size}-piece tokenizer on data.path={data.path} ({e}). A byte-fallback BPE needs "
-            "256 byte pieces + 3 specials + the corpus's characters. Fix: raise model.vocab_size (e.g. 512 or more)."
+            f"Cannot train a {vocab_size}-piece tokenizer on data.path={data.path}: a byte-fallback BPE needs 256 byte "
+            "pieces + 3 specials + the corpus's characters. Fix: raise model.vocab_size (e.g. 512 or more)."
         ) from None
     return model.getvalue()
 
 
-def _sample_lines(data: DataConfig):
-    """Non-blank lines of the first TOKENIZER_SAMPLE_CHARS characters of the corpus (the trainer's sentences)."""
-    seen = 0
-    for example in open_text_stream(data):
-        text = example[data.text_field] or ""
-        yield from (line for line in text.split("\n") if line.strip())
-        seen += len(text)
-        if seen >= TOKENIZER_SAMPLE_CHARS:
-            return
+class _TrainingSample:
+    """The trainer's sentences: the non-blank lines of the first TOKENIZER_SAMPLE_CHARS characters of the corpus,
+    lines longer than the trainer takes cut at spaces. Keeps the ConfigError that reading the corpus raised,
+    which sentencepiece would turn into a bare RuntimeError."""
+
+    def __init__(self, data: DataConfig):
+        self.data = data
+        self.sentences = 0  # handed to the trainer so far
+        self.error: ConfigError | None = None
+
+    def __iter__(self):
+        try:
+            yield from self._sentences()
+        except ConfigError as e:
+            self.error = e
+            raise
+
+    def _sentences(self):
+        chars = 0
+        for text in iter_texts(open_text_stream(self.data), self.data):
+            for line in text.split("\n"):
+                if not line.strip():
+                    continue
+                for sentence in _pieces_the_trainer_keeps(line[: TOKENIZER_SAMPLE_CHARS - chars]):
+                    self.sentences += 1
+                    yield sentence
+                chars += len(line)
+                if chars >= TOKENIZER_SAMPLE_CHARS:
+                    return
+
+
+def _pieces_the_trainer_keeps(line: str):
+    """`line` cut at spaces into pieces of at most max_sentence_length bytes: the trainer drops longer ones, so a
+    corpus of one long line would leave it nothing. A stretch without a space is cut where it must be."""
+    step = SENTENCEPIECE_TRAINER_OPTIONS["max_sentence_length"] // 4  # characters: UTF-8 takes at most 4 bytes each
+    start = 0
+    while len(line) - start > step:
+        end = line.rfind(" ", start + 1, start + step + 1)
+        end = end if end > start else start + step
+        yield line[start:end]
+        start = end
+    yield line[start:]
