@@ -66,9 +66,6 @@ class Trainer:
         # the loss is a mean over dp x cp: those ranks hold different tokens of the global batch
         self.loss_group = loss_mesh.get_group() if loss_mesh is not None and loss_mesh.size() > 1 else None
         self.loss_parallel = self.dims.tp_enabled and not job.parallelism.disable_loss_parallel
-        if is_rank0():
-            os.makedirs(job.job.run_dir, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(job), os.path.join(job.job.run_dir, "config.yaml"))
 
         tokenizer = build_tokenizer(job.data, job.model)
         self.dataloader = TokenWindowLoader(
@@ -99,6 +96,9 @@ class Trainer:
             is_rank0(), job=job,
         )
         self.state = self.checkpoint.load()
+        if is_rank0():  # the data, the model and the checkpoint were accepted: this config is the run's now
+            os.makedirs(job.job.run_dir, exist_ok=True)
+            OmegaConf.save(OmegaConf.structured(job), os.path.join(job.job.run_dir, "config.yaml"))
         self.nonfinite_steps = 0  # steps whose update was dropped (training.on_nonfinite=skip)
         fresh = not complete_steps(self.checkpoint.folder) and not job.checkpoint.initial_load_path
         if self.pipeline and self.device.type != "cpu" and fresh and is_rank0():
