@@ -48,15 +48,18 @@ def test_exact_resume_twice_and_keep_latest_k(workdir, cache_dir):
     proc = run_launch(args, cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step-15" in proc.stdout
-    # Resume 2: a save interrupted mid-write (a .partial folder, a folder without DCP metadata)
-    # must be ignored: resume from the complete step-15 again.
+    # Resume 2: a save interrupted mid-write (a .partial folder) is ignored; a step folder without DCP metadata
+    # stops the run unless checkpoint.fall_back_on_broken_step passes over it with a warning (and keeps it):
+    # resume from the complete step-15 again.
     shutil.rmtree(run_dir / "checkpoint" / "step-20")
     (run_dir / "checkpoint" / "step-20.partial").mkdir()
     (run_dir / "checkpoint" / "step-25").mkdir()
     (run_dir / "checkpoint" / "step-25" / "train_state.json").write_text(json.dumps({"half": "written"}))
-    proc = run_launch(args, cwd=workdir)
+    proc = run_launch([*args, "checkpoint.fall_back_on_broken_step=true"], cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step-15" in proc.stdout
+    assert "step-25 is broken (it has no .metadata)" in proc.stdout + proc.stderr
+    assert (run_dir / "checkpoint" / "step-25" / "train_state.json").exists()
 
     steps = [m["step"] for m in read_metrics(run_dir)]
     assert steps == list(range(1, 21)) + list(range(16, 21)) * 2

@@ -16,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from helpers import REPO, TINY, losses, run_launch
 
+from pretrain.checkpoint.integrity import MANIFEST, hash_files, write_manifest
 from pretrain.checkpoint.safe_reader import SafeFileSystemReader, UnsafeCheckpoint
 
 
@@ -28,8 +29,13 @@ class _Payload:
 
 
 def _plant(step_dir, marker) -> None:
+    """A crafted .metadata; in a step with checksums, rewritten to match it, as a deliberate attacker would, so
+    that the unpickler (not the checksums) is what refuses it."""
     with open(step_dir / ".metadata", "wb") as f:
         pickle.dump(_Payload(marker), f)
+    if (step_dir / MANIFEST).exists():
+        names = [n.name for n in step_dir.iterdir() if n.name != MANIFEST]
+        write_manifest(str(step_dir), hash_files(str(step_dir), names))
 
 
 def _save(path) -> dict:

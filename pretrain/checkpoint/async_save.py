@@ -19,8 +19,8 @@ from pretrain.errors import ConfigError
 
 
 class AsyncSaver:
-    def __init__(self, mode: str):
-        self.group = dist.new_group(backend="gloo")  # every rank, in the same order: built with the manager
+    def __init__(self, mode: str, group: Optional[dist.ProcessGroup]):
+        self.group = group  # gloo, of its own (built with the manager); None for a lone process
         self.stager = None
         if mode == "async_with_pinned_mem":
             if not torch.cuda.is_available():
@@ -34,8 +34,12 @@ class AsyncSaver:
                                use_non_blocking_copy=True)
             )
 
-    def save(self, state_dict: dict[str, Any], path: str, on_written: Optional[Callable[[], None]]) -> Future:
-        """Start writing `state_dict` to `path`; the returned future completes after `on_written` ran."""
+    def save(
+        self, state_dict: dict[str, Any], path: str, on_written: Callable[[Optional[BaseException]], None]
+    ) -> Future:
+        """Start writing `state_dict` to `path`; then, in the background, `on_written(the write's error or None)`
+        on every rank (it may run collectives on self.group: every rank calls it, failed or not). The returned
+        future completes after it ran, with its exception if it raised."""
         options = {"async_stager": self.stager} if self.stager is not None else {}
         response = dcp.async_save(state_dict, checkpoint_id=path, process_group=self.group, **options)
         written = getattr(response, "upload_completion", response)  # newer torch returns an AsyncSaveResponse
@@ -43,9 +47,7 @@ class AsyncSaver:
 
         def finish(future: Future) -> None:
             try:
-                future.result()
-                if on_written is not None:
-                    on_written()
+                on_written(future.exception())
             except BaseException as e:  # DCP's CheckpointException is a BaseException
                 done.set_exception(e)
             else:

@@ -13,7 +13,8 @@
         torch's own dcp_to_torch_save steps; torch.load(path, weights_only=True) reads it.
 
 Works on every checkpoint of a run, the model-only final one (checkpoint.last_save_model_only) included.
-A bad argument prints one line `error: ...` and exits with code 2.
+A step's files are checked against the checksums written with it before anything is converted; from-hf writes
+them. A bad argument or a damaged step prints one line `error: ...` and exits with code 2.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from pretrain.checkpoint import integrity
 from pretrain.config import ModelConfig
 from pretrain.errors import ConfigError
 
@@ -41,6 +43,13 @@ def check_dcp_dir(path: str, arg: str) -> None:
     if not os.path.isfile(os.path.join(path, ".metadata")):
         raise ConfigError(f"{arg} {path!r} is not a DCP checkpoint (no .metadata). "
                           "Fix: give a step folder, e.g. outputs/<run>/checkpoint/step-N.")
+    has_checksums, problems = integrity.verify_folder(path)
+    if problems:
+        raise ConfigError(f"{arg} {path!r} is damaged: {'; '.join(problems)}. Fix: convert another step, e.g. the "
+                          "previous complete one in the same checkpoint folder.")
+    if not has_checksums:
+        print(f"warning: {path} has no {integrity.MANIFEST} (saved by an older version): converted without being "
+              "verified", file=sys.stderr)
 
 
 def read_dcp_model(step_dir: str) -> dict:
@@ -150,6 +159,7 @@ def from_hf(args: argparse.Namespace) -> None:
     import torch.distributed.checkpoint as dcp
 
     from pretrain.checkpoint.hf_io import hf_names, read_config, read_hf, weight_map
+    from pretrain.checkpoint.provenance import model_record
     from pretrain.checkpoint.state import TRAIN_STATE, TrainState
     from pretrain.distributed.fsdp import DTYPES
     from pretrain.models import get_model_spec
@@ -175,9 +185,12 @@ def from_hf(args: argparse.Namespace) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.save({"model": state_dict}, checkpoint_id=args.out_dcp_dir)
-    meta = {"train_state": vars(TrainState()), "model_only": True, "lr_scheduler": None, "dataloader": None}
+    meta = {"train_state": vars(TrainState()), "model_only": True, "lr_scheduler": None, "dataloader": None,
+            "made_from": model_record(model_cfg)}  # no tokenizer or data: only the model is checked on load
     with open(os.path.join(args.out_dcp_dir, TRAIN_STATE), "w") as f:
         json.dump(meta, f)
+    names = [n for n in os.listdir(args.out_dcp_dir) if n != integrity.MANIFEST]
+    integrity.write_manifest(args.out_dcp_dir, integrity.hash_files(args.out_dcp_dir, names))
     print(f"wrote {args.out_dcp_dir}: {len(state_dict)} tensors in {args.dtype}; start a run from it with "
           f"checkpoint.initial_load_path={args.out_dcp_dir}")
 

@@ -4,19 +4,24 @@ model folder. A run that has checkpoints of its own resumes from them instead.""
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
+from typing import Optional
 
 from pretrain.checkpoint import hf_io
 from pretrain.checkpoint.safe_reader import SafeFileSystemReader
-from pretrain.checkpoint.state import TRAIN_STATE, LiveState, TrainState, complete_steps
+from pretrain.checkpoint.state import TRAIN_STATE, LiveState, TrainState, complete_steps, read_train_state
 from pretrain.config import CheckpointConfig
 from pretrain.errors import ConfigError
 from pretrain.log import logger
 from pretrain.models import get_model_spec
 
+# check(path, key, train_state or None): the step folder's checksums and, when more than its weights is taken, what
+# it was made from (the manager's checks); raises ConfigError
+Check = Callable[[str, str, Optional[dict]], None]
 
-def initial_load(cfg: CheckpointConfig, live: LiveState) -> TrainState:
+
+def initial_load(cfg: CheckpointConfig, live: LiveState, check: Optional[Check] = None) -> TrainState:
     """A fresh start from checkpoint.initial_load_path: an HF folder (initial_load_in_hf), or a DCP step
     folder: its model weights (initial_load_model_only), or everything in it, as a resume would."""
     path = os.path.expanduser(cfg.initial_load_path)
@@ -54,6 +59,8 @@ def initial_load(cfg: CheckpointConfig, live: LiveState) -> TrainState:
         ) from None
     fix = (f"Fix: use the model config it was saved with (its run's config.yaml), or another {key.split('=')[0]}.")
     if cfg.initial_load_model_only:
+        if check is not None:
+            check(path, key, None)  # a deliberate change of model or data is what a model-only start is for
         live.load_model(path, key, fix)
         logger.info(f"checkpoint: initial model weights from {path}")
         return TrainState()
@@ -63,8 +70,12 @@ def initial_load(cfg: CheckpointConfig, live: LiveState) -> TrainState:
             f"{key} has no {TRAIN_STATE}, so only its weights can be taken. "
             "Fix: checkpoint.initial_load_model_only=true."
         )
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        meta = read_train_state(path)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}. Fix: point it at another complete step folder.") from None
+    if check is not None:
+        check(path, key, meta)
     if meta["model_only"]:
         raise ConfigError(
             f"{key} holds model weights only, but checkpoint.initial_load_model_only=false asks for the optimizer "

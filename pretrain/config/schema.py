@@ -197,6 +197,9 @@ class CheckpointConfig:
     # write step-0 (initial weights) and exit; run with all degrees 1 on one process
     create_seed_checkpoint: bool = False
     export_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of a model-only final checkpoint
+    # the latest step-N folder is incomplete or fails its checksums: false = stop (exit 2) naming it and the previous
+    # step | true = warn and resume from the newest intact step (the broken one is kept)
+    fall_back_on_broken_step: bool = False
     # a fresh run (no checkpoint of its own yet) starts from this checkpoint: a DCP step directory, or an HF model
     # directory with initial_load_in_hf
     initial_load_path: str = ""
