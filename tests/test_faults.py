@@ -56,8 +56,9 @@ def test_nonfinite_skip_drops_the_updates_and_keeps_training(tmp_path):
 
 
 def _worker_pids(launcher_pid: int) -> list[int]:
-    """The rank processes the launcher started (multiprocessing spawn children), in start order."""
-    workers = []
+    """The rank processes the launcher started, in start order: forked by its multiprocessing fork server
+    (a child of the launcher whose command line names the forkserver)."""
+    children: dict[int, list[tuple[int, bytes]]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -66,9 +67,9 @@ def _worker_pids(launcher_pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if parent == launcher_pid and b"spawn_main" in cmdline:
-            workers.append(int(entry.name))
-    return sorted(workers)
+        children.setdefault(parent, []).append((int(entry.name), cmdline))
+    servers = [pid for pid, cmdline in children.get(launcher_pid, []) if b"forkserver" in cmdline]
+    return sorted(pid for server in servers for pid, _ in children.get(server, []))
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
