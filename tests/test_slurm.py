@@ -202,10 +202,10 @@ def test_failing_task_is_a_failed_job_with_its_error(slurm_env, tmp_path, cache_
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "to partition (the default)" in proc.stdout
     assert "failed: task" in proc.stderr and "raised" in proc.stderr
-    assert "JSON parse error" in proc.stderr  # the task's own error, from its traceback
+    assert "ConfigError" in proc.stderr and "is not valid JSON Lines" in proc.stderr  # the task's own error
     assert "log: " in proc.stderr and "_log.err" in proc.stderr
     assert "0 of 1 job(s) completed, 1 failed" in proc.stdout
-    assert "JSON parse error" in (tmp_path / "outputs" / "bad" / "error.txt").read_text()
+    assert "is not valid JSON Lines" in (tmp_path / "outputs" / "bad" / "error.txt").read_text()
 
 
 def _job_count(env: dict, name: str) -> int:
