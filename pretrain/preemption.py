@@ -68,7 +68,9 @@ def install_local(role: str) -> None:
 
 def _record_local_signal(signum: int, frame: Any) -> None:
     _received.add(signum)
-    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    # one process: a second signal ends it at once. A rank ignores the rest: a SIGTERM sent to the whole process
+    # group reaches it twice (directly and through its launcher), and a second Ctrl-C makes the launcher SIGKILL it
+    signal.signal(signum, signal.SIG_IGN if _local.get("role") == "rank" else signal.SIG_DFL)
     logger.warning(f"received {signal.Signals(signum).name}: finishing this step, checkpointing, then stopping "
                    "(send it again to stop at once, without a checkpoint)")
 
