@@ -148,15 +148,18 @@ def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
 class _PassSignalsOn:
     """While the ranks run, Ctrl-C or SIGTERM of this process reaches each rank once, as SIGTERM (they finish
     their step and checkpoint); a second one kills them. The elastic launcher runs in a thread, so it installs
-    no handlers of its own (it would end the ranks at once); SIGINT is ignored while the ranks start, so they
-    inherit that and a terminal's Ctrl-C, sent to the whole process group, reaches them only through here."""
+    no handlers of its own (it would end the ranks at once). SIGINT and SIGTERM are ignored while the ranks
+    start: the fork server inherits that (were it ended by a signal to the whole process group, its ranks would
+    look failed), and so do the ranks, which then take SIGTERM only (a terminal's Ctrl-C, sent to the whole
+    group, reaches them through here)."""
 
     def __init__(self):
         self.received: list[signal.Signals] = []
 
     def run(self, fn, nproc: int) -> None:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for s in previous:  # the fork server inherits this too: a signal to the whole group must not end it
+            signal.signal(s, signal.SIG_IGN)
         outcome: dict = {}
 
         def target():
