@@ -107,13 +107,13 @@ def remove_if_created(run_dir: str, lock_files: bool = False) -> None:
 
 
 def _make_writable_dir(run_dir: str) -> None:
-    """Make the run directory now (Hydra would, with a traceback when it cannot) and write a file in it."""
+    """Make the run directory now (Hydra would, with a traceback when it cannot); one that exists must be writable
+    (access(2) also says so for a read-only filesystem). Nothing is written into an existing one: a refused config
+    leaves it as it was, to its timestamps."""
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", run_dir)
     except OSError as e:
         print(
             f"error: cannot write the run directory {run_dir} ({e.strerror or e}: {e.filename or run_dir}). "
