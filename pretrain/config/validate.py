@@ -135,6 +135,7 @@ def validate(job: JobConfig) -> None:
         raise ConfigError(
             "job.dump_folder='' is empty. Fix: e.g. job.dump_folder=outputs (the root of all run directories)."
         )
+    check_data_options(job.data)
     if not job.dry_run:  # a dry run reads no data
         validate_data(job.data)
 
@@ -203,13 +204,41 @@ def validate_cluster(c: ClusterConfig, dry_run: bool = False) -> None:
             )
 
 
+def check_data_options(d: DataConfig) -> None:
+    """The data options that need no file (dry runs check them too)."""
+    check_choice("data.format", d.format, ("text", "tokenized"))
+    check_positive("data.prefetch_steps", d.prefetch_steps, allow_zero=True)
+    if d.shuffle and d.format != "tokenized":
+        raise ConfigError(
+            "data.shuffle=true needs a token store: a text stream is read in order. Fix: prepare one with "
+            "`python -m pretrain.data.prepare <data options> --out DIR` and run with data=tokenized data.path=DIR, "
+            "or set data.shuffle=false."
+        )
+
+
 def validate_data(d: DataConfig) -> None:
-    """Local data must exist before launch; hub ids are checked when they are opened."""
+    """Local data must exist before launch; hub ids are checked when they are opened. A token store must have its
+    manifest (written last by prepare); the rest of it is checked when it is opened (pretrain/data/token_store.py)."""
+    check_data_options(d)
     if d.tokenizer_path and not os.path.exists(os.path.expanduser(d.tokenizer_path)):
         raise ConfigError(
             f"data.tokenizer_path={d.tokenizer_path!r} does not exist. "
             "Fix: point it at a sentencepiece .model or a tokenizer.json, or set it to '' to train one."
         )
+    if d.format == "tokenized":
+        store = os.path.expanduser(d.path)
+        if not d.path:
+            raise ConfigError(
+                "data=tokenized needs data.path, the directory of a token store. Fix: make one with `python -m "
+                "pretrain.data.prepare <data and model options> --out DIR` and add data.path=DIR (see docs/data.md)."
+            )
+        if not os.path.isfile(os.path.join(store, "manifest.json")):
+            what = "is not a directory" if not os.path.isdir(store) else "has no manifest.json (an unfinished prepare?)"
+            raise ConfigError(
+                f"data.path={d.path!r} {what}, so not a complete token store (data=tokenized). Fix: make it with "
+                f"`python -m pretrain.data.prepare <data and model options> --out {d.path}` (see docs/data.md)."
+            )
+        return
     if d.path == "embedded":
         return
     root = os.path.expanduser(d.path)

@@ -1,4 +1,5 @@
-"""Data: tokenizers, the embedded corpus, HF `datasets` streams packed into token windows, hub downloads.
+"""Data: tokenizers, the embedded corpus, HF `datasets` streams packed into token windows, token stores made once
+(`python -m pretrain.data.prepare`) and read by index, hub downloads.
 
 Names are imported lazily so that `python -m pretrain.data.download` and config validation stay light
 (no torch, no datasets).
@@ -11,6 +12,8 @@ _EXPORTS = {
     "load_tokenizer": "pretrain.data.tokenizer",
     "open_text_stream": "pretrain.data.sources",
     "TokenWindowLoader": "pretrain.data.dataset",
+    "TokenStoreLoader": "pretrain.data.store_loader",
+    "build_loader": "pretrain.data.dataset",
 }
 
 __all__ = list(_EXPORTS)

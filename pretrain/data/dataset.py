@@ -1,10 +1,11 @@
-"""Training data: the documents of a source (sources.py), packed by `TokenWindowLoader` into windows of tokens.
+"""Training data: the documents of a source (sources.py), packed by `TokenWindowLoader` into windows of tokens,
+or read back from a token store made once by `python -m pretrain.data.prepare` (store_loader.py).
 
 The token stream is global: every document becomes [BOS] + tokens + [EOS], documents are concatenated in
 dataset order, and the stream is cut into non-overlapping windows of seq_len + 1 tokens (inputs = window[:-1],
 labels = window[1:], as torchtitan does). Each optimizer step takes the next `global_batch_size` windows and
-hands each data-parallel rank its share, so the global batch of a step is the same for any layout, and a
-checkpoint saved with one layout resumes exactly with another.
+hands each data-parallel rank its share (windows.py), so the global batch of a step is the same for any layout,
+and a checkpoint saved with one layout resumes exactly with another.
 """
 
 from __future__ import annotations
@@ -15,19 +16,36 @@ import torch
 
 from pretrain.config import DataConfig
 from pretrain.data.sources import iter_texts, open_text_stream
+from pretrain.data.store_loader import TokenStoreLoader
+from pretrain.data.windows import GlobalWindowLoader, MicroBatches
 from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
     from pretrain.data.tokenizer import Tokenizer
 
-class TokenWindowLoader:
-    """Hands out, step after step, this data-parallel rank's micro-batches of the global token stream.
 
-    Window k of a step (0 <= k < global_batch_size) goes to dp rank (k // local_batch_size) % dp_degree,
-    micro-batch k // (local_batch_size * dp_degree). Trade-off: every rank reads and tokenizes the whole
-    stream and keeps only its windows. Tokenizing costs dp_degree times the CPU it strictly needs, but the
-    position in the stream is one global number, so any layout sees the same global batch and the state
-    saved by one layout resumes token-exactly under another.
+def build_loader(
+    data: DataConfig,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    local_batch_size: int,
+    global_batch_size: int,
+    dp_rank: int = 0,
+    dp_degree: int = 1,
+) -> TokenWindowLoader | TokenStoreLoader:
+    """The loader of `data`: a token store (data.format=tokenized) read by index, or text tokenized as it streams."""
+    loader = TokenStoreLoader if data.format == "tokenized" else TokenWindowLoader
+    return loader(data, tokenizer, seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree)
+
+
+class TokenWindowLoader(GlobalWindowLoader):
+    """Hands out, step after step, this data-parallel rank's micro-batches of the global token stream, read from
+    text and tokenized as it goes, in a background thread (data.prefetch_steps ahead of the trainer).
+
+    Trade-off: every rank reads and tokenizes the whole stream and keeps only its windows. Tokenizing costs
+    dp_degree times the CPU it strictly needs (a token store avoids it), but the position in the stream is one
+    global number, so any layout sees the same global batch and the state saved by one layout resumes
+    token-exactly under another.
     When the dataset runs out it starts again (epoch += 1; datasets reorders multi-file sources by epoch).
     """
 
@@ -40,45 +58,48 @@ class TokenWindowLoader:
         global_batch_size: int,
         dp_rank: int = 0,
         dp_degree: int = 1,
+        pin_memory: bool | None = None,
     ):
-        micro_step_windows = local_batch_size * dp_degree
-        if seq_len <= 0 or local_batch_size <= 0 or global_batch_size % micro_step_windows or global_batch_size <= 0:
-            raise ValueError(
-                f"global_batch_size={global_batch_size} must be a positive multiple of local_batch_size="
-                f"{local_batch_size} x dp_degree={dp_degree}, and seq_len={seq_len} positive."
-            )
-        if not 0 <= dp_rank < dp_degree:
-            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_degree={dp_degree}).")
-        self.seq_len = seq_len
-        self.local_batch_size = local_batch_size
-        self.global_batch_size = global_batch_size
-        self.dp_rank = dp_rank
-        self.dp_degree = dp_degree
-        self.accumulation_steps = global_batch_size // micro_step_windows
+        super().__init__(
+            seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, data.prefetch_steps, pin_memory
+        )
         self._data = data
         self._tokenizer = tokenizer
         self._bos = [tokenizer.bos_id] if data.bos else []
         self._eos = [tokenizer.eos_id] if data.eos else []
         self._dataset = open_text_stream(data)
+        # The producer's position (read and written by the background thread only, while it runs):
         self._documents = None  # iterator over self._dataset; None = (re)start it at the next read
         self._dataset_state_at_start = None  # state the next iterator starts from (None = start of the epoch)
-        self.epoch = 0
-        self.windows_consumed = 0  # windows of the global stream handed out so far (all ranks)
+        self._epoch = 0
+        self._windows = 0  # windows of the global stream cut so far (all ranks)
         self._buffer: list[int] = []  # tokens read but not yet in a window; starts at a window boundary
+        self._state = self._producer_state()  # the position of the last step handed out
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """accumulation_steps micro-batches of (inputs, labels), each a LongTensor (local_batch_size, seq_len)."""
+    @property
+    def epoch(self) -> int:
+        """Passes over the dataset finished before the last step handed out."""
+        return self._state["epoch"]
+
+    @property
+    def windows_consumed(self) -> int:
+        """Windows of the global stream handed out so far (all ranks)."""
+        return self._state["windows_consumed"]
+
+    def _produce(self) -> tuple[MicroBatches, dict]:
         window = self.seq_len + 1
         step_tokens = self._take(self.global_batch_size * window)
-        self.windows_consumed += self.global_batch_size
+        self._windows += self.global_batch_size
         rank_block = self.local_batch_size * window  # this rank's contiguous tokens in one micro-step
-        micro_batches = []
+        rows = []
         for micro in range(self.accumulation_steps):
             start = (micro * self.dp_degree + self.dp_rank) * rank_block
-            rows = torch.tensor(step_tokens[start : start + rank_block], dtype=torch.long)
-            rows = rows.view(self.local_batch_size, window)  # (B, T + 1)
-            micro_batches.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))  # (B, T), (B, T)
-        return micro_batches
+            rows += step_tokens[start : start + rank_block]
+        rows = torch.tensor(rows, dtype=torch.long).view(-1, window)  # (accumulation_steps * B, T + 1)
+        return self.micro_batches(rows), self._producer_state()
+
+    def _consumed(self, state: dict) -> None:
+        self._state = state
 
     def _take(self, count: int) -> list[int]:
         """The next `count` tokens of the global stream."""
@@ -100,33 +121,46 @@ class TokenWindowLoader:
             for text in self._documents:
                 if text:  # empty or missing documents are skipped, not packed as a lone [BOS, EOS]
                     return self._bos + self._tokenizer.encode(text) + self._eos
-            self.epoch += 1
-            self._dataset.set_epoch(self.epoch)  # datasets ignores a starting state saved in another epoch
+            self._epoch += 1
+            self._dataset.set_epoch(self._epoch)  # datasets ignores a starting state saved in another epoch
             self._documents, self._dataset_state_at_start = None, None
         raise ConfigError(
             f"data.path={self._data.path!r} has no document with text in data.text_field={field!r}. "
             "Fix: set data.text_field to the column that holds the text."
         )
 
-    def state_dict(self) -> dict:
-        """JSON-serialisable: the position of the global stream (the same on every rank)."""
+    def _producer_state(self) -> dict:
         if self._documents is not None:  # HF's state is "after the last document it yielded", which we consumed
             dataset_state = self._dataset.state_dict()
         else:
             dataset_state = self._dataset_state_at_start
         return {
-            "epoch": self.epoch,
+            "epoch": self._epoch,
             "dataset": dataset_state,  # datasets.IterableDataset.state_dict(), or None at the start of the epoch
             "buffer": list(self._buffer),  # tokens read past the last window handed out
-            "windows_consumed": self.windows_consumed,
+            "windows_consumed": self._windows,
         }
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable: the position of the global stream after the last step handed out (the same on every
+        rank); steps prepared ahead are not in it."""
+        return {**self._state, "buffer": list(self._state["buffer"])}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at `state`, saved by any rank of any data-parallel layout with the same data and tokenizer."""
+        if "dataset" not in state or "buffer" not in state:
+            raise ConfigError(
+                f"The checkpoint's data position is not a text stream's (keys {sorted(state)}): it was saved by a run "
+                f"reading a token store, and this run streams data.path={self._data.path!r}. Fix: resume with the "
+                "data options it was saved with, or add dataloader to checkpoint.exclude_from_loading to start the "
+                "data anew."
+            )
+        self._stop_prefetch()
         if self._documents is not None:  # an iteration is under way: start from a fresh stream
             self._dataset = open_text_stream(self._data)
-        self.epoch = state["epoch"]
-        self.windows_consumed = state["windows_consumed"]
+        self._epoch = state["epoch"]
+        self._windows = state["windows_consumed"]
         self._buffer = list(state["buffer"])
-        self._dataset.set_epoch(self.epoch)
+        self._dataset.set_epoch(self._epoch)
         self._documents, self._dataset_state_at_start = None, state["dataset"]
+        self._state = self._producer_state()

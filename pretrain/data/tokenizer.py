@@ -5,6 +5,8 @@
   2. `data.tokenizer_path`: a .model file, a tokenizer.json, or a directory holding one;
   3. otherwise a byte-fallback BPE sentencepiece model with `model.vocab_size` pieces, trained on the
      first few MB of the training corpus and cached under `<data.cache_dir>/tokenizers/`.
+With a token store (data.format=tokenized), 3. is the copy of the trained tokenizer the store holds; whichever is
+used must be the tokenizer the store was made with (`check_store_tokenizer`).
 The tokenizer's vocabulary must fit the embedding (`model.vocab_size`); BOS/EOS are added by the data
 loader, never by `encode`. A tokenizer file that cannot be used, or a corpus that cannot be trained on, is a
 ConfigError naming the file; a failed training leaves nothing in the cache.
@@ -25,6 +27,7 @@ from tokenizers import Tokenizer as RustTokenizer
 
 from pretrain.config import DataConfig, ModelConfig
 from pretrain.data.sources import iter_texts, open_text_stream, resolve_local_files
+from pretrain.data.token_store import TOKENIZER_DIR, check_store_tokenizer, read_manifest
 from pretrain.errors import ConfigError
 from pretrain.log import logger
 
@@ -188,6 +191,8 @@ def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
         tokenizer, origin = load_tokenizer(model.hf_assets_path), "model.hf_assets_path"
     elif data.tokenizer_path:
         tokenizer, origin = load_tokenizer(data.tokenizer_path), "data.tokenizer_path"
+    elif data.format == "tokenized":
+        tokenizer, origin = _trained_tokenizer_of_store(data, model.vocab_size), "trained, kept in the token store"
     else:
         tokenizer, origin = _trained_tokenizer(data, model.vocab_size), "trained on the corpus"
     if tokenizer.vocab_size > model.vocab_size:
@@ -196,7 +201,33 @@ def build_tokenizer(data: DataConfig, model: ModelConfig) -> Tokenizer:
             f"model.vocab_size={model.vocab_size}. Fix: set model.vocab_size >= {tokenizer.vocab_size}, "
             "or use a smaller tokenizer."
         )
+    if data.format == "tokenized":
+        manifest = read_manifest(data.path)
+        check_store_tokenizer(os.path.expanduser(data.path), manifest, tokenizer, data)
     return tokenizer
+
+
+# -- the tokenizer of a token store -----------------------------------------------------------------------------
+def _trained_tokenizer_of_store(data: DataConfig, vocab_size: int) -> Tokenizer:
+    """A run on a token store without a tokenizer of its own: the trained tokenizer the store was made with, from
+    the copy in the store, if the run's model.vocab_size would have trained it (the corpus is the store's)."""
+    path = os.path.expanduser(data.path)
+    record = read_manifest(path).get("tokenizer", {})
+    if record.get("origin") != "trained":
+        raise ConfigError(
+            f"Token store {path} was made with the tokenizer of {record.get('origin')}={record.get('source')!r}, and "
+            "this run names none (it would use a tokenizer trained on the corpus). Fix: set that option to the same "
+            f"tokenizer, or data.tokenizer_path={os.path.join(path, TOKENIZER_DIR)} (the store's copy)."
+        )
+    if record.get("model_vocab_size") != vocab_size:
+        raise ConfigError(
+            f"Token store {path} was made with a tokenizer trained for "
+            f"model.vocab_size={record.get('model_vocab_size')}, but this run has model.vocab_size={vocab_size}, "
+            f"whose tokenizer would be another. Fix: run with model.vocab_size={record.get('model_vocab_size')}, or "
+            f"prepare a store for this size: `python -m pretrain.data.prepare <data options> "
+            f"model.vocab_size={vocab_size} --out NEW_DIR`."
+        )
+    return load_tokenizer(os.path.join(path, TOKENIZER_DIR))
 
 
 def tokenizer_cache_key(data: DataConfig, vocab_size: int) -> str:
