@@ -26,7 +26,7 @@ from pretrain.components.metrics import MetricsLogger, cuda_memory_stats, memory
 from pretrain.components.optim import build_lr_scheduler, build_optimizer
 from pretrain.components.profiling import profile_steps
 from pretrain.config import JobConfig
-from pretrain.data.dataset import TokenWindowLoader
+from pretrain.data.dataset import build_loader
 from pretrain.data.tokenizer import build_tokenizer
 from pretrain.distributed.context_parallel import shard_sequence
 from pretrain.distributed.fsdp import DTYPES, cast_parameters, param_dtype
@@ -68,7 +68,7 @@ class Trainer:
         self.loss_parallel = self.dims.tp_enabled and not job.parallelism.disable_loss_parallel
 
         tokenizer = build_tokenizer(job.data, job.model)
-        self.dataloader = TokenWindowLoader(
+        self.dataloader = build_loader(
             job.data, tokenizer, t.seq_len, t.local_batch_size, t.global_batch_size, dp_rank, self.dims.dp
         )
         # tokens this rank computes per optimizer step (context parallelism splits each sequence)

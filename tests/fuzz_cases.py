@@ -74,6 +74,7 @@ YARN = ("model.name=deepseek_v3", "model.rope_scaling_type=yarn", "model.mla.kv_
 
 # key -> (rule, overrides under which the rule applies); _bad_value() draws a value that breaks the rule
 RANGES = {
+    "data.prefetch_steps": ("int>=0", ()),
     **{f"model.{k}": ("int>0", ()) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                                               "rope_original_max_seq_len")},
     **{f"model.{k}": ("float>0", ()) for k in ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor",
@@ -127,6 +128,7 @@ RANGES = {
 }
 # key -> (allowed values, overrides under which they are checked); list fields take a list of them
 CHOICES = {
+    "data.format": (("text", "tokenized"), ()),
     "model.name": (tuple(family_names()), ()),
     "model.rope_scaling_type": (("llama3", "yarn"), ()),
     "model.moe.score_func": (("softmax", "sigmoid"), MOE),
@@ -161,6 +163,7 @@ FREE = {
     "cluster.qos", "cluster.constraint", "cluster.setup", "cluster.extra_sbatch", "checkpoint.folder",
     "metrics.aim_repo", "profiling.save_traces_folder", "profiling.save_memory_snapshot_folder",
     "float8.filter_fqns", "parallelism.module_fqns_per_model_part",
+    "data.seed",
 }
 
 # ------------------------------------------------------------------------------------------- the cases

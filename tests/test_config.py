@@ -33,6 +33,10 @@ def test_every_option_composes_and_validates(option, tmp_path):
     if option == "data/local":
         (tmp_path / "a.jsonl").write_text('{"text": "hello"}\n')
         overrides.append(f"data.data_files=[{tmp_path}/*.jsonl]")
+    if option == "data/tokenized":  # validation looks for the manifest prepare writes last
+        (tmp_path / "store").mkdir()
+        (tmp_path / "store" / "manifest.json").write_text("{}")
+        overrides.append(f"data.path={tmp_path}/store")
     job = resolve(compose(overrides))
     assert isinstance(job, JobConfig)
     assert job.job.run_dir.endswith(os.path.join("outputs", "default"))

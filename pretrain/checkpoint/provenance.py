@@ -29,6 +29,7 @@ from typing import Any
 
 from pretrain.config import JobConfig, ModelConfig
 from pretrain.config.model import ffn_hidden_dim, head_dim
+from pretrain.data.token_store import read_manifest
 from pretrain.data.tokenizer import tokenizer_cache_key
 
 # model keys that change how the model trains, not what its weights mean
@@ -95,6 +96,9 @@ def tokenizer_identity(job: JobConfig) -> dict[str, Any]:
     """{"sha256": of the tokenizer file (and its tokenizer_config.json, which names BOS/EOS), or None when the file
     is not there; "source": where it was found}. The same order as pretrain.data.tokenizer.build_tokenizer."""
     m, d = job.model, job.data
+    if d.format == "tokenized" and not (m.hf_assets_path or d.tokenizer_path):  # the copy the store was made with
+        store = os.path.expanduser(d.path)
+        return {"sha256": read_manifest(store).get("tokenizer", {}).get("sha256"), "source": f"token store {store}"}
     if m.hf_assets_path or d.tokenizer_path:
         origin = "model.hf_assets_path" if m.hf_assets_path else "data.tokenizer_path"
         path = os.path.expanduser(m.hf_assets_path or d.tokenizer_path)

@@ -111,6 +111,12 @@ class DataConfig:
     cache_dir: str = "~/.cache/pretrain"  # where trained tokenizers and the measured CPU peak are cached
     bos: bool = True  # prepend BOS to every document
     eos: bool = True  # append EOS to every document
+    # text: documents tokenized while training | tokenized: data.path is a token store made once by
+    # `python -m pretrain.data.prepare` (docs/data.md)
+    format: str = "text"
+    shuffle: bool = False  # a new order of windows each epoch, the same on every rank and layout (token stores only)
+    seed: int = 0  # seed of the window order (data.shuffle)
+    prefetch_steps: int = 2  # steps of batches a background thread prepares ahead; 0 = on the training thread
 
 
 @dataclass
@@ -191,15 +197,15 @@ class CheckpointConfig:
     # a save that fails (disk full, permissions): stop (exit 3) | continue (keep training, retry at the next interval)
     on_save_error: str = "stop"
     load_step: int = -1  # resume from this step; -1 = the latest complete checkpoint
+    # the latest step-N folder is incomplete or fails its checksums: false = stop (exit 2) naming it and the previous
+    # step | true = warn and resume from the newest intact step (the broken one is kept)
+    fall_back_on_broken_step: bool = False
     # of: optimizer, lr_scheduler, dataloader, train_state
     exclude_from_loading: list[str] = field(default_factory=list)
     last_save_model_only: bool = False  # the final checkpoint holds model weights only (for inference/export)
     # write step-0 (initial weights) and exit; run with all degrees 1 on one process
     create_seed_checkpoint: bool = False
     export_dtype: str = "float32"  # float32 | bfloat16 | float16: dtype of a model-only final checkpoint
-    # the latest step-N folder is incomplete or fails its checksums: false = stop (exit 2) naming it and the previous
-    # step | true = warn and resume from the newest intact step (the broken one is kept)
-    fall_back_on_broken_step: bool = False
     # a fresh run (no checkpoint of its own yet) starts from this checkpoint: a DCP step directory, or an HF model
     # directory with initial_load_in_hf
     initial_load_path: str = ""
