@@ -552,6 +552,8 @@ def valid_args(rng: random.Random) -> list[str]:
     args.append(f"data={data}")
     if data == "local":
         args.append("data.data_files=[corpus.jsonl]")
+    if data == "tokenized":
+        args.append("data.path=store")  # the test makes it: a folder with the manifest prepare writes last
 
     exclude = rng.sample(CHOICES["checkpoint.exclude_from_loading"][0], rng.randint(0, 2))
     args += [

@@ -180,6 +180,8 @@ def test_refusal_leaves_no_directory(args, launch_main, guarded, tmp_path, monke
 def test_valid_set_composes_and_validates(args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "corpus.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "manifest.json").write_text("{}")
     try:
         job = resolve(compose(args))
     except Exception as e:
