@@ -81,6 +81,8 @@ def run_rank(job: JobConfig, error_dir: str, lock_held_for: str) -> None:
     preemption.install_local("rank")
     os.environ[HELD_ENV] = lock_held_for  # the launcher holds the run directory's lock for every rank
     rank = os.environ.get("RANK", "0")
+    with open(os.path.join(error_dir, f"pid-{rank}"), "w") as f:  # how the launcher tells a killed rank apart
+        f.write(str(os.getpid()))
     try:
         main(job)
     except (ConfigError, TrainingHalted) as e:
@@ -134,7 +136,10 @@ def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
                         file=sys.stderr,
                     )
                 return code
-        print(f"error: training failed on rank(s) {sorted(e.failures)}:\n{e.format_msg()}", file=sys.stderr)
+        killed = signals.killed_ranks(error_dir)  # the cause, when the first failure the agent saw is its effect
+        cause = "".join(f"rank {rank} was killed by {name}; " for rank, name in killed.items())
+        print(f"error: training failed on rank(s) {sorted({*e.failures, *killed})}: {cause}\n{e.format_msg()}",
+              file=sys.stderr)
         return 1
     stopped = os.path.join(error_dir, STOPPED_FILE)
     if os.path.isfile(stopped):
@@ -155,6 +160,20 @@ class _PassSignalsOn:
 
     def __init__(self):
         self.received: list[signal.Signals] = []
+        self.children: dict[int, multiprocessing.Process] = {}  # pid -> the rank's process, kept to read its exit
+
+    def killed_ranks(self, error_dir: str) -> dict[int, str]:
+        """{rank: signal name} for the ranks that a signal other than the launcher's SIGTERM ended (a kill -9, the
+        OOM killer): the elastic agent reports only the first failure it sees, often a peer's lost connection."""
+        killed = {}
+        for name in os.listdir(error_dir):
+            if name.startswith("pid-"):
+                with open(os.path.join(error_dir, name)) as f:
+                    child = self.children.get(int(f.read() or 0))
+                code = child.exitcode if child is not None else None
+                if code is not None and code < 0 and -code != signal.SIGTERM:
+                    killed[int(name[4:])] = signal.Signals(-code).name
+        return dict(sorted(killed.items()))
 
     def run(self, fn, nproc: int) -> None:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -177,6 +196,7 @@ class _PassSignalsOn:
             for s in previous:
                 signal.signal(s, self._pass_on)
             while thread.is_alive():
+                self.children.update((c.pid, c) for c in multiprocessing.active_children())
                 thread.join(0.2)  # wakes up for the signal handler
         finally:
             for s, handler in previous.items():
