@@ -44,6 +44,7 @@ from pretrain.checkpoint.state import TRAIN_STATE, LiveState, TrainState, comple
 from pretrain.config import CheckpointConfig, JobConfig
 from pretrain.distributed.fsdp import DTYPES
 from pretrain.errors import ConfigError, TrainingHalted
+from pretrain.files import fsync_dir
 from pretrain.log import logger
 
 
@@ -185,7 +186,7 @@ class CheckpointManager:
             self._replace(final)
         os.replace(partial, final)
         self.steps.damaged.discard(int(os.path.basename(final).split("-")[1]))  # if it was, it is replaced
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
         self._purge()
 
     def _replace(self, final: str) -> None:
@@ -338,11 +339,3 @@ def _short_reason(error: BaseException) -> str:
         cause = failure[0] if isinstance(failure, tuple) else failure
         return f"rank {rank}: {type(cause).__name__}: {cause}"
     return f"{type(error).__name__}: {error}"
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

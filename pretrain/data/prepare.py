@@ -55,6 +55,7 @@ from pretrain.data.token_store import (
 )
 from pretrain.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_cache_key
 from pretrain.errors import ConfigError
+from pretrain.files import fsync_dir
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 CHUNK_CHARS = 1 << 20  # characters of text per task sent to a worker (~1 MB: ~10 ms of pickling, ~0.2 s of work)
@@ -171,7 +172,7 @@ def prepare(data: DataConfig, model: ModelConfig, out: str, num_proc: int = 1, p
         if os.path.isdir(out):
             os.rmdir(out)  # an empty directory (_finished refused anything else)
         os.replace(partial, out)
-        _fsync_dir(os.path.dirname(out))
+        fsync_dir(os.path.dirname(out))
     print(f"wrote {out}: {documents:,} documents, {tokens:,} {dtype} tokens in {len(files)} file(s), "
           f"{tokens / seconds:,.0f} tokens/s with {num_proc} process(es)")
     return manifest
@@ -296,14 +297,6 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
