@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,6 +277,14 @@ _worker: tuple | None = None  # (tokenizer, bos, eos, dtype) of this process
 def _init_worker(tokenizer: Tokenizer | str, bos: list[int], eos: list[int], dtype: str) -> None:
     global _worker
     _worker = (load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer, bos, eos, dtype)
+    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """A worker outlives a prepare killed with SIGKILL (it waits on its queue forever): it leaves once orphaned."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, int]:
