@@ -74,11 +74,11 @@ def _run_here(job: JobConfig) -> int:
     return 0
 
 
-def run_rank(job: JobConfig, error_dir: str, lock_held_for: str) -> None:
+def run_rank(job: JobConfig, error_dir: str, lock_held_for: str, launcher_pid: int) -> None:
     """One rank started by the elastic launcher: a user error or a halt leaves its message in `error_dir`
     and exits with its own code, so the launcher reports it once, without a traceback. A stop on a signal
     leaves its message too, and exits 0: no rank is a failure the launcher would end the others for."""
-    preemption.install_local("rank")
+    preemption.install_local("rank", launcher_pid)
     os.environ[HELD_ENV] = lock_held_for  # the launcher holds the run directory's lock for every rank
     rank = os.environ.get("RANK", "0")
     with open(os.path.join(error_dir, f"pid-{rank}"), "w") as f:  # how the launcher tells a killed rank apart
@@ -93,6 +93,10 @@ def run_rank(job: JobConfig, error_dir: str, lock_held_for: str) -> None:
         if rank == "0":
             with open(os.path.join(error_dir, STOPPED_FILE), "w") as f:
                 f.write(str(e))
+        if not preemption.alive(launcher_pid):  # the elastic wrapper would wait forever for it to read our result
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_HALTED)
 
 
 def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
@@ -120,7 +124,7 @@ def _launch_local_processes(job: JobConfig, error_dir: str) -> int:
     signals = _PassSignalsOn()
     held = os.environ[HELD_ENV]  # an argument, not the environment: the server's is that of its start
     try:
-        signals.run(lambda: elastic_launch(config, entrypoint=run_rank)(job, error_dir, held), nproc)
+        signals.run(lambda: elastic_launch(config, entrypoint=run_rank)(job, error_dir, held, os.getpid()), nproc)
     except ChildFailedError as e:
         if signals.received:
             stopped = ("the ranks were ended at once, without a checkpoint; the same command resumes from the "

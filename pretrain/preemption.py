@@ -53,11 +53,11 @@ def install() -> None:
         _previous_handlers[signum] = signal.signal(signum, _record_signal)
 
 
-def install_local(role: str) -> None:
+def install_local(role: str, launcher_pid: int = 0) -> None:
     """Local runs, from the main thread: "single" (the one process) handles SIGINT and SIGTERM; "rank" (one of
-    the launcher's processes) handles SIGTERM and ignores SIGINT, which its launcher passes on."""
+    the launcher's processes, `launcher_pid`) handles SIGTERM and ignores SIGINT, which its launcher passes on."""
     _received.clear()
-    _local.update(role=role, parent=os.getppid())
+    _local.update(role=role, launcher=launcher_pid)
     if role == "rank":
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _record_local_signal)
@@ -88,8 +88,8 @@ def received_on_any_rank() -> list[int]:
     import torch
     import torch.distributed as dist
 
-    if _local.get("role") == "rank" and os.getppid() != _local["parent"]:
-        _received.add(signal.SIGTERM)  # the launcher is gone, and the run directory's lock with it
+    if _local.get("role") == "rank" and not alive(_local["launcher"]):
+        _received.add(signal.SIGTERM)  # the launcher is gone (the fork server, our parent, may live on), and the lock
     handled = (signal.SIGINT, *HANDLED)
     flags = [1 if s in _received else 0 for s in handled]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -97,6 +97,21 @@ def received_on_any_rank() -> list[int]:
         dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
         flags = agreed.tolist()
     return [s for s, flag in zip(handled, flags) if flag]
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (not gone, not a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user now has that pid
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # dead, not yet reaped by its parent
+    except (OSError, IndexError):
+        return True  # no /proc: the signal test above is all there is
 
 
 def checkpoint_and_requeue_if_signalled(checkpoint: Any, state: Any) -> None:

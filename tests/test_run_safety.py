@@ -119,3 +119,23 @@ def test_refused_config_leaves_the_users_folders_and_unwritable_dirs_are_refused
     out = run_launch([f"job.dump_folder={tmp_path / 'new' / 'runs'}", "training.seq_len=10000000"], cwd=tmp_path)
     assert out.returncode == 2 and "training.seq_len=10000000" in out.stderr and "GiB" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "new").exists()
+
+
+def test_ranks_whose_launcher_was_killed_checkpoint_and_leave(tmp_path, cache_dir):
+    """kill -9 of the launcher alone frees the run directory's lock: its ranks (children of the fork server, which
+    outlives it) must not train on beside a new run. They checkpoint their step and exit, the fork server with them."""
+    from test_faults import _worker_pids
+
+    args = LONG + ["job.name=orphans", "parallelism=fsdp", "cluster.nproc_per_node=2", f"data.cache_dir={cache_dir}"]
+    log = tmp_path / "orphans.log"
+    proc = start(args, tmp_path, log)
+    wait_for(log, r"step\s+2 \|", proc)
+    ranks = _worker_pids(proc.pid)
+    assert len(ranks) == 2, ranks
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 60
+    while any(os.path.exists(f"/proc/{pid}") for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in ranks), "ranks outlived their launcher"
+    assert complete_steps(str(tmp_path / "outputs" / "orphans" / "checkpoint")), log.read_text()[-2000:]
