@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from collections.abc import Callable
 
 EXIT_USER_ERROR = 2  # ConfigError
 EXIT_HALTED = 3  # TrainingHalted
@@ -30,6 +32,16 @@ class RunStopped(Exception):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def exit_code_of(command: Callable[[], object]) -> int:
+    """A command-line tool's exit status: 0, or EXIT_USER_ERROR after one line `error: ...` for a ConfigError."""
+    try:
+        command()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
 
 
 def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

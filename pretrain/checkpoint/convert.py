@@ -24,13 +24,11 @@ import json
 import os
 import sys
 import warnings
-from pathlib import Path
 
 from pretrain.checkpoint import integrity
 from pretrain.config import ModelConfig
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, exit_code_of
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 MODEL_PREFIX = "model."  # checkpoint.py saves {"model": ..., "optimizer": ...}; DCP flattens to "model.<name>"
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -101,20 +99,15 @@ def run_model_config(step_dir: str, config_path: str | None) -> ModelConfig:
 def composed_model_config(option: str | None, overrides: list[str]) -> ModelConfig:
     """conf/model/<option> plus model.* overrides, composed by Hydra as launch.py would."""
     # lazy: `--help` and argument errors answer before torch, hydra or a model loads
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    from pretrain.config import register_configs
+    from pretrain.config.compose import CONF, compose_config
 
     bad = [o for o in overrides if not o.startswith(MODEL_PREFIX) or "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not a model.KEY=VALUE override. Fix: e.g. model.dim=64.")
-    register_configs()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=([f"model={option}"] if option else []) + overrides)
+        cfg = compose_config(([f"model={option}"] if option else []) + overrides)
         return OmegaConf.to_object(cfg.model)
     except Exception as e:
         options = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -256,12 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.command != "from-hf":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    try:
-        args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: args.func(args))
 
 
 if __name__ == "__main__":

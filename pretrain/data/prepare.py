@@ -34,12 +34,12 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
 
 from pretrain.config import DataConfig, ModelConfig, validate_data
+from pretrain.config.compose import compose_config
 from pretrain.data.sources import FILE_BUILDERS, iter_texts, open_text_stream, resolve_local_files
 from pretrain.data.token_store import (
     FORMAT,
@@ -55,10 +55,9 @@ from pretrain.data.token_store import (
     tokenizer_sha256,
 )
 from pretrain.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tokenizer_cache_key
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, exit_code_of
 from pretrain.files import fsync_dir
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 CHUNK_CHARS = 1 << 20  # characters of text per task sent to a worker (~1 MB: ~10 ms of pickling, ~0.2 s of work)
 TASKS_PER_WORKER = 4  # tasks in flight per worker: enough to keep them busy, little memory
 SHARD_TOKENS = 1 << 30  # tokens per file (2 GiB in uint16)
@@ -68,21 +67,14 @@ _OVERRIDE_ROOTS = ("data", "model")
 def composed_config(overrides: list[str]) -> tuple[DataConfig, ModelConfig]:
     """conf/config.yaml with these data/model overrides, composed by Hydra as launch.py would."""
     # lazy: `--help` and argument errors answer before hydra loads
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
-
-    from pretrain.config import register_configs
 
     bad = [o for o in overrides if "=" not in o or o.split("=")[0].split(".")[0].lstrip("+~") not in _OVERRIDE_ROOTS]
     if bad:
         raise ConfigError(f"option {bad[0]!r} is not a data or model override. Fix: give launch.py's data and model "
                           "options, e.g. data=local data.data_files='[/data/*.jsonl]' model.vocab_size=512.")
-    register_configs()
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=overrides)
+        cfg = compose_config(overrides)
         return OmegaConf.to_object(cfg.data), OmegaConf.to_object(cfg.model)
     except Exception as e:
         raise ConfigError(f"options {' '.join(overrides)}: {e}. Fix: the data and model options of launch.py "
@@ -325,13 +317,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0 once the store is there, 2 with one line `error: ...` otherwise."""
     args = parse_args(argv)
-    try:
-        data, model = composed_config(args.overrides)
-        prepare(data, model, args.out, num_proc=args.num_proc, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: prepare(*composed_config(args.overrides), args.out, num_proc=args.num_proc,
+                                        progress=not args.no_progress))
 
 
 if __name__ == "__main__":
