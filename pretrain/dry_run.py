@@ -17,8 +17,9 @@ from torch import nn
 
 from pretrain import torch_compat
 from pretrain.components.float8 import convert_to_float8
-from pretrain.components.memory import estimate_activations
+from pretrain.components.memory import estimate_activations, estimate_validation_activations
 from pretrain.config import JobConfig
+from pretrain.config.held_out import validation_shape
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.parallelize import parallelize_decoder
@@ -36,10 +37,13 @@ class RankMemory:
     gathered_block: int  # bytes of the largest block's parameters all-gathered in the compute dtype (x2: prefetch)
     activations: int  # estimated bytes of saved activations at the peak (see estimate_activations)
     n_params_local: int
+    validation: int = 0  # a validation batch's forward-only peak (0: no validation); it runs after the step
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.gathered_block + self.activations
+        """The peak: training's saved activations and gradients are freed before a validation runs."""
+        training = self.grads + self.activations
+        return self.params + self.optimizer + self.gathered_block + max(training, self.validation)
 
 
 def local_numel(p: torch.Tensor) -> int:
@@ -71,6 +75,7 @@ def measure(job: JobConfig, dims: ParallelDims, parts: list[nn.Module], device_t
         gathered_block=2 * block_numel * compute_bytes if dims.fsdp_enabled else 0,
         activations=estimate_activations(job, dims, len(blocks), compute_bytes),
         n_params_local=n_local,
+        validation=estimate_validation_activations(job, dims, compute_bytes) if job.validation.enable else 0,
     )
 
 
@@ -97,12 +102,19 @@ def dry_run(job: JobConfig) -> None:
         ("optimizer state (AdamW)", mem.optimizer),
         ("all-gathered block x2 (FSDP)", mem.gathered_block),
         ("activations (estimate)", mem.activations),
+        *([("validation batch (forward only)", mem.validation)] if job.validation.enable else []),
         ("total", mem.total),
     ]
     print(f"dry run: {job.model.name}/{job.model.flavor} ({n_params / 1e9:.1f} B params, {flops:.3g} FLOPs/token)")
     print(f"  world {world} = {dims} on a fake process group; rank 0 holds {mem.n_params_local:,} parameters")
     t = job.training
     print(f"  batch: local {t.local_batch_size} x seq {t.seq_len}, global {t.global_batch_size}")
+    if job.validation.enable:
+        v, (batch, seq_len) = job.validation, validation_shape(job)
+        batches = "every full batch of the held-out set" if v.steps == -1 else f"{v.steps} batches"
+        print(f"  validation: every {v.freq} steps, {batches} of local {batch} x seq {seq_len}, global "
+              f"{batch * dims.dp}; after the step, so the total counts the larger of it and training's activations "
+              "and gradients")
     print("  per-rank memory (rank 0):")
     for label, value in rows:
         print(f"    {label:<30} {value / GIB:9.2f} GiB")

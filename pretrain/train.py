@@ -44,6 +44,7 @@ from pretrain.errors import TrainingHalted
 from pretrain.log import init_logging, is_rank0, logger
 from pretrain.models import get_model_spec
 from pretrain.rundir import take_run_lock
+from pretrain.validation import Validator
 
 
 class Trainer:
@@ -107,6 +108,11 @@ class Trainer:
         self.compute_dtype = param_dtype(t, self.device)
         # without FSDP there is no MixedPrecisionPolicy: bf16 compute comes from autocast
         self.use_autocast = self.compute_dtype != torch.float32 and not self.dims.fsdp_enabled
+        self.validator = None
+        if job.validation.enable:
+            self.validator = Validator(job, tokenizer, self.dims, dp_rank, self.device, self.model_parts,
+                                       self.pipeline, self.expert_load, self.local_tokens_per_step)
+            logger.info(self.validator.describe())
         self.peak_flops, peak_source = peak_flops(self.device, self.compute_dtype, job.data.cache_dir)
         self.metrics = MetricsLogger(job, enabled=is_rank0())
         logger.info(
@@ -150,11 +156,7 @@ class Trainer:
         """One optimizer step over this rank's micro-batches. The loss is the per-token mean over
         the global batch: each micro-batch contributes sum(CE) / tokens of this rank's step, and
         FSDP averages gradients over the data-parallel ranks."""
-        autocast = (
-            torch.autocast(self.device.type, dtype=self.compute_dtype)
-            if self.use_autocast
-            else contextlib.nullcontext()
-        )
+        autocast = self._autocast()
         loss_total = torch.zeros((), device=self.device)
         for inputs, labels in micro_batches:
             inputs, labels = inputs.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
@@ -185,6 +187,11 @@ class Trainer:
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, grad_norm
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.use_autocast:
+            return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        return contextlib.nullcontext()
 
     def _on_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """A NaN/Inf gradient norm (a NaN/Inf loss gives one too): the update is never applied, so neither
@@ -234,11 +241,16 @@ class Trainer:
                 # per device, as torchtitan counts: the ranks of one data-parallel replica (cp x tp x pp) share
                 # its tokens
                 window_tokens += self.local_tokens_per_step // (self.dims.tp * self.dims.pp)
+                validate = self.validator is not None and self.validator.due(state.step, t.steps)
                 log_now = state.step == 1 or state.step % self.job.metrics.log_freq == 0 or state.step == t.steps
+                log_now = log_now or validate  # the held-out loss goes into its step's record
                 self.expert_stats = self.expert_load.step(log_now)  # MoE: expert-bias update, load metrics
+                # before this step's checkpoint: a run resumed from it does not validate that step again
+                held_out = self.validator.run(self._autocast()) if validate else {}
                 if log_now:
                     now = time.perf_counter()
-                    self._log_step(state, loss, grad_norm, lr, window_tokens, now - window_start, now - start)
+                    window = now - window_start - held_out.get("val_seconds", 0.0)  # training time only
+                    self._log_step(state, loss, grad_norm, lr, window_tokens, window, now - start, held_out)
                     window_start, window_tokens = time.perf_counter(), 0
                 if self.checkpoint.should_save(state.step, t.steps):
                     state.elapsed_s += time.perf_counter() - start
@@ -249,7 +261,8 @@ class Trainer:
                 preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)
             self.checkpoint.wait()  # a background save still in flight is on disk before the run ends
 
-    def _log_step(self, state, loss, grad_norm, lr: float, tokens: int, seconds: float, since_start: float) -> None:
+    def _log_step(self, state, loss, grad_norm, lr: float, tokens: int, seconds: float, since_start: float,
+                  held_out: dict[str, float]) -> None:
         if state.step == self.first_step:  # compile, allocator and cache warm-up: not steady state
             logger.info(
                 f"first step took {seconds:.1f}s "
@@ -269,6 +282,7 @@ class Trainer:
                 "tokens_seen": state.tokens_seen,
                 "nonfinite_steps": self.nonfinite_steps,
                 **{key: value.item() for key, value in self.expert_stats.items()},
+                **held_out,
                 **({"warmup": 1.0} if state.step == self.first_step else {}),  # readers drop it from steady state
             },
         )

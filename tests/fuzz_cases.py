@@ -70,6 +70,7 @@ BUDGET = ("activation_checkpoint.mode=memory_budget", "compile.enable=true")
 MOE = ("model.name=qwen3", "model.rope_scaling=false", "model.moe.n_routed_experts=8", "model.moe.hidden_dim=32",
        "model.moe.top_k=2")
 MLA = ("model.name=deepseek_v3", "model.rope_scaling=false", "model.mla.kv_lora_rank=16")
+VALIDATION = ("validation.enable=true",)  # the section is checked when it is on
 YARN = ("model.name=deepseek_v3", "model.rope_scaling_type=yarn", "model.mla.kv_lora_rank=16")
 
 # key -> (rule, overrides under which the rule applies); _bad_value() draws a value that breaks the rule
@@ -125,6 +126,9 @@ RANGES = {
     "comm.train_timeout_seconds": ("int>0", ()),
     "metrics.log_freq": ("int>0", ()),
     "job.name": ("name", ()),
+    **{f"validation.{k}": ("int>=0", VALIDATION) for k in ("local_batch_size", "seq_len")},
+    "validation.freq": ("int>0", VALIDATION),
+    "validation.steps": ("int>0|-1", VALIDATION),
 }
 # key -> (allowed values, overrides under which they are checked); list fields take a list of them
 CHOICES = {
@@ -153,9 +157,11 @@ CHOICES = {
     "checkpoint.export_dtype": (("float32", "bfloat16", "float16"), ()),
     "checkpoint.async_mode": (("disabled", "async", "async_with_pinned_mem"), ()),
     "checkpoint.on_save_error": (("stop", "continue"), ()),
+    "validation.format": (("text", "tokenized"), VALIDATION),  # or "" (data.format)
 }
 # paths, checked by the "paths" generators below
-PATHS = {"model.hf_assets_path", "data.path", "data.data_files", "data.tokenizer_path", "checkpoint.initial_load_path"}
+PATHS = {"model.hf_assets_path", "data.path", "data.data_files", "data.tokenizer_path", "checkpoint.initial_load_path",
+         "validation.path", "validation.data_files"}
 # any value of the right type is valid (or is checked where it is used: module names when the model is built)
 FREE = {
     "training.seed", "job.description", "job.dump_folder", "job.run_dir", "model.flavor", "data.name",
@@ -163,7 +169,7 @@ FREE = {
     "cluster.qos", "cluster.constraint", "cluster.setup", "cluster.extra_sbatch", "checkpoint.folder",
     "metrics.aim_repo", "profiling.save_traces_folder", "profiling.save_memory_snapshot_folder",
     "float8.filter_fqns", "parallelism.module_fqns_per_model_part",
-    "data.seed",
+    "data.seed", "validation.split",
 }
 
 # ------------------------------------------------------------------------------------------- the cases
@@ -401,6 +407,10 @@ def gen_paths(rng):
         (["data.path=corpus", f"data.data_files=[*.{rng.choice(['parquet', 'txt', 'json'])}]"], ["data.data_files"],
          ["corpus/a.jsonl"]),
         ([f"data.path={rng.choice(['json', 'parquet', 'text', 'local'])}"], ["data.data_files"], []),
+        ([f"validation.path={missing}", "validation.format=tokenized"], ["validation.path"], []),
+        (["validation.path=json", f"validation.data_files=[{missing}/*.jsonl]"], ["validation.data_files"], []),
+        (["data=local", "data.data_files=[corpus.jsonl]", "validation.enable=true"], ["validation.data_files"],
+         ["corpus.jsonl"]),
         # a fresh run: one with checkpoints of its own resumes from them and ignores initial_load_path
         ([f"checkpoint.initial_load_path={missing}/step-100", f"job.name={_word(rng)}"],
          ["checkpoint.initial_load_path"], []),
@@ -579,6 +589,7 @@ def valid_args(rng: random.Random) -> list[str]:
         f"checkpoint.on_save_error={rng.choice(['stop', 'continue'])}",
         f"comm.init_timeout_seconds={rng.randint(1, 3600)}", f"comm.train_timeout_seconds={rng.randint(1, 3600)}",
         f"metrics.log_freq={rng.randint(1, 100)}", f"job.name={_word(rng)}",
+        f"validation.freq={rng.randint(1, 1000)}", f"validation.steps={rng.choice([-1, rng.randint(1, 100)])}",
     ]
     rng.shuffle(args)  # later overrides of a key win wherever they are; groups are ordered by the defaults list
     return args

@@ -32,6 +32,7 @@ TINY = [
     "optimizer.lr=3e-3",
     "metrics.log_freq=1",
     "metrics.enable_aim=false",
+    "validation.enable=false",  # tests/test_validation.py runs it; the other runs keep their time
 ]
 
 
@@ -124,6 +125,25 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in read_metrics(run_dir)}
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    """step -> held-out loss of the steps that validated, the latest line winning."""
+    return {m["step"]: m["val_loss"] for m in read_metrics(run_dir) if "val_loss" in m}
+
+
+def with_validation(args: list[str], windows: int = 16, freq: int = 5) -> list[str]:
+    """`args` plus a validation every `freq` steps (and at the last) over the first `windows` held-out windows.
+    A validation batch is the local batch on each data-parallel rank, as in training; the number of batches is
+    chosen so that every layout covers the same windows, so their held-out losses compare."""
+    from pretrain.config import resolve
+    from pretrain.config.degrees import Degrees
+
+    job = resolve(compose(args))
+    dp = Degrees.from_config(job.parallelism, job.world_size).dp
+    batch = (job.validation.local_batch_size or job.training.local_batch_size) * dp
+    assert windows % batch == 0, (windows, batch)
+    return [*args, "validation.enable=true", f"validation.freq={freq}", f"validation.steps={windows // batch}"]
 
 
 def aim_metric(repo_dir: str, run_hash: str, name: str) -> tuple[list[int], list[float]]:

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, compose, losses
+from helpers import TINY, compose, losses, val_losses, with_validation
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -205,13 +205,14 @@ def test_dry_run_estimate_follows_mode(capsys):
 def test_fsdp_selective_op_matches_no_ac(launch_once):
     """Two FSDP ranks with the per-op policy give the very losses of the same run without AC (that run is
     tests/test_parallel_parity.py's fsdp2 layout, launched once for both)."""
-    fsdp2 = [
+    fsdp2 = with_validation([
         *TINY, "parallelism=fsdp", "cluster.nproc_per_node=2", "training.local_batch_size=4",
         "checkpoint.interval=5", "checkpoint.keep_latest_k=0",
-    ]
+    ])
     selective_op = ["activation_checkpoint.mode=selective", "activation_checkpoint.selective_ac_option=op"]
     no_ac, _ = launch_once(fsdp2)
     ac_op, proc = launch_once([*fsdp2, *selective_op])
     assert "activation checkpointing: selective per-op policy on 2 of 2 blocks" in proc.stdout + proc.stderr
     assert sorted(losses(ac_op)) == list(range(1, 11))
     assert losses(ac_op) == losses(no_ac)
+    assert val_losses(ac_op) == val_losses(no_ac) and sorted(val_losses(no_ac)) == [5, 10]  # forward only, AC on

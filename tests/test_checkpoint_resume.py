@@ -1,5 +1,6 @@
 """Checkpoints on real runs: exact resume (twice), keep_latest_k, interrupted saves ignored, a corrupt
-checkpoint refused clearly, and Aim holding one run across resumes (read back through Aim's API)."""
+checkpoint refused clearly, and Aim holding one run across resumes (read back through Aim's API), the held-out
+loss included (measured once per step across resumes)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import json
 import shutil
 
 import pytest
-from helpers import TINY, aim_metric, read_metrics, run_launch
+from helpers import TINY, aim_metric, read_metrics, run_launch, val_losses
 
 pytestmark = pytest.mark.slow  # every test here reads runs launched through launch.py
 
-RUN = [*TINY, "training.steps=20", "checkpoint.interval=5", "metrics.enable_aim=true"]
+RUN = [*TINY, "training.steps=20", "checkpoint.interval=5", "metrics.enable_aim=true",
+       "validation.enable=true", "validation.freq=5", "validation.steps=2"]
 
 
 def ckpt_dirs(run_dir):
@@ -66,6 +68,9 @@ def test_exact_resume_twice_and_keep_latest_k(workdir, cache_dir):
     resumed = last_losses(run_dir)
     # Deterministic CPU run, same data position, same optimizer state: bitwise equal.
     assert resumed == straight
+    # The held-out loss of step 15 was measured before its checkpoint was saved: the resumed runs measure 20 only
+    assert [m["step"] for m in read_metrics(run_dir) if "val_loss" in m] == [5, 10, 15, 20, 20, 20]
+    assert val_losses(run_dir) == val_losses(workdir / "outputs" / "straight")
 
 
 def test_aim_holds_one_run_across_resumes(workdir):
@@ -77,6 +82,9 @@ def test_aim_holds_one_run_across_resumes(workdir):
     aim_losses = dict(zip(steps, values))
     assert sorted(aim_losses) == list(range(1, 21))
     assert aim_losses == pytest.approx(last_losses(run_dir), rel=1e-6)
+    steps, values = aim_metric(str(workdir / "outputs"), run_hash, "val_loss")
+    assert dict(zip(steps, values)) == pytest.approx(val_losses(run_dir), rel=1e-6)
+    assert steps == [5, 10, 15, 20]
     run = aim.Run(run_hash, repo=str(workdir / "outputs"), read_only=True)
     assert run["hparams"]["model"]["dim"] == 64
 

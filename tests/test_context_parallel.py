@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import TINY, losses, run_launch, run_on_ranks
+from helpers import TINY, losses, run_launch, run_on_ranks, val_losses, with_validation
 
 from pretrain.config import ConfigError
 from pretrain.distributed.context_parallel import load_balanced_positions
@@ -134,20 +134,21 @@ def runs(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("cp")
     result = {}
     for name, overrides in LAYOUTS.items():
-        args = [
-            *TINY, *overrides, "training.steps=8", f"job.name={name}", f"data.cache_dir={cache_dir}",
-            "checkpoint.enable=false",
-        ]
-        proc = run_launch(args, cwd=root, timeout=600)
+        args = with_validation(
+            [*TINY, *overrides, "training.steps=8", "checkpoint.enable=false"], freq=8
+        )  # the held-out loss at step 8, over the same 16 windows in each layout
+        proc = run_launch([*args, f"job.name={name}", f"data.cache_dir={cache_dir}"], cwd=root, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        result[name] = losses(root / "outputs" / name)
+        result[name] = (losses(root / "outputs" / name), val_losses(root / "outputs" / name))
     return result
 
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "single"])
 def test_cp_layout_matches_single_process(runs, layout):
-    single, other = runs["single"], runs[layout]
+    (single, single_held_out), (other, held_out) = runs["single"], runs[layout]
     assert sorted(other) == sorted(single) == list(range(1, 9))
     for step in single:
         assert other[step] == pytest.approx(single[step], rel=RTOL), (layout, step, other[step], single[step])
+    assert sorted(held_out) == sorted(single_held_out) == [8]
+    assert held_out[8] == pytest.approx(single_held_out[8], rel=RTOL), layout

@@ -15,11 +15,12 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from helpers import compose
 
-from pretrain.config import ConfigError, DataConfig, ModelConfig, validate_data
+from pretrain.config import ConfigError, DataConfig, ModelConfig, resolve, validate_data
+from pretrain.config.held_out import held_out_data
 from pretrain.data.dataset import TokenWindowLoader
-from pretrain.data.embedded import embedded_documents
+from pretrain.data.embedded import embedded_documents, embedded_split
 from pretrain.data.sources import open_text_stream
 from pretrain.data.tokenizer import HFTokenizer, build_tokenizer
 
@@ -201,13 +202,15 @@ def test_c4_config_reads_a_local_directory_laid_out_like_the_hub(tmp_path, token
     write_jsonl_gz(str(tmp_path / "en" / "c4-train.00000-of-01024.json.gz"), docs[:3])
     write_jsonl_gz(str(tmp_path / "en" / "c4-train.00001-of-01024.json.gz"), docs[3:])
     write_jsonl_gz(str(tmp_path / "en" / "c4-validation.00000-of-00008.json.gz"), ["not training data"])
-    c4_yaml = OmegaConf.load(os.path.join(REPO_ROOT, "conf/data/c4.yaml"))
-    composed = OmegaConf.merge(OmegaConf.structured(DataConfig), c4_yaml, {"path": str(tmp_path)})
-    data = OmegaConf.to_object(composed)
+    job = resolve(compose(["data=c4", f"data.path={tmp_path}"]))
+    data = job.data
     validate_data(data)
     assert [example["text"] for example in open_text_stream(data)] == docs
     loader = TokenWindowLoader(data, tokenizer, SEQ_LEN, 2, 4)
     assert next_global_step([loader]) == reference_windows(docs, tokenizer, 4)
+    # the preset measures the validation loss on c4's own validation files, read from the same directory
+    assert job.validation.enable
+    assert [example["text"] for example in open_text_stream(held_out_data(job))] == ["not training data"]
 
 
 PARAGRAPHS = ["First document, one line.", "Second document\nspans two lines.", "Third: naïve café ∑."]
@@ -269,7 +272,7 @@ def test_unreachable_hub_says_so_and_suggests_a_local_directory(tmp_path):
 def test_packing_matches_plain_concatenation(tokenizer, embedded):
     loader = TokenWindowLoader(embedded, tokenizer, SEQ_LEN, 4, 8)
     windows = next_global_step([loader]) + next_global_step([loader])
-    assert windows == reference_windows(embedded_documents(), tokenizer, 16)
+    assert windows == reference_windows(embedded_split(embedded_documents(), "train"), tokenizer, 16)
 
 
 @pytest.mark.parametrize("dp_degree,local", [(2, 4), (4, 2), (4, 4)])

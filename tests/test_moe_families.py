@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers import losses, read_metrics, run_launch
+from helpers import losses, read_metrics, run_launch, val_losses, with_validation
 
 pytestmark = pytest.mark.multiprocess
 
@@ -55,12 +55,15 @@ LAYOUTS = {  # name: (overrides, the reference with the same micro-batches)
     # step 10's checkpoint removed, the rerun resumes from step 5 (expert-sharded weights, Adam state, biases)
     "ep2_resumed": (["parallelism=fsdp", "cluster.nproc_per_node=2", "parallelism.expert_parallel_degree=2",
                      "training.local_batch_size=4"], "ep2"),
+    # the reference without validation: the held-out forwards route tokens, which must not move the expert biases
+    "accum2_no_validation": (["training.local_batch_size=4", "validation.enable=false"], None),
     "ep2_tp2": (["parallelism=fsdp_tp", "cluster.nproc_per_node=4", "parallelism.tensor_parallel_degree=2",
                  "parallelism.expert_parallel_degree=2", "training.local_batch_size=4"], "accum2"),
 }
 RUNS = {
     "qwen3": ["accum2", "accum4", "ep2", "ep4", "ep2_tp2", "ep2_compile_ac"],
-    "deepseek_v3": ["accum2", "ep2", "pp2", "pp2_ep2", "ep2_resumed"],  # (FSDP 4 x EP 2: tests/test_expert_parallel.py)
+    # (FSDP 4 x EP 2: tests/test_expert_parallel.py)
+    "deepseek_v3": ["accum2", "accum2_no_validation", "ep2", "pp2", "pp2_ep2", "ep2_resumed"],
 }
 
 
@@ -71,9 +74,12 @@ def runs(tmp_path_factory, cache_dir):
     for family, names in RUNS.items():
         for name in names:
             job = f"{family}_{name}"
-            args = [*SMALL[family], *COMMON, *LAYOUTS[name][0], f"job.name={job}", f"data.cache_dir={cache_dir}"]
             resumed = name.endswith("_resumed")
-            args.append(f"checkpoint.interval={5 if resumed else 100}")
+            # the held-out loss at steps 5 and 10 over the same 16 windows in every layout
+            args = with_validation([*SMALL[family], *COMMON, f"checkpoint.interval={5 if resumed else 100}",
+                                    *LAYOUTS[name][0]])
+            args += [o for o in LAYOUTS[name][0] if o.startswith("validation.")]  # the layout's own say last
+            args += [f"job.name={job}", f"data.cache_dir={cache_dir}"]
             proc = run_launch(args, cwd=root, timeout=600)
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
             if resumed:  # lose the last checkpoint: the same command redoes steps 6..10 from step 5
@@ -97,6 +103,19 @@ def test_expert_parallel_layout_trains_like_one_process(runs, family, name):
         if "compile" in name:
             rtol = 2e-5 if step <= 3 else 1e-3
         assert got[step] == pytest.approx(value, rel=rtol), f"{family} {name} step {step}: {got[step]} vs {value}"
+    ref, got = val_losses(runs[(family, LAYOUTS[name][1])]), val_losses(runs[(family, name)])
+    assert sorted(got) == sorted(ref) == [5, 10]
+    for step, value in ref.items():
+        rtol = 0.0 if name.endswith("_resumed") else 1e-3 if "compile" in name else RTOL
+        assert got[step] == pytest.approx(value, rel=rtol), f"{family} {name} held-out loss at {step}"
+
+
+def test_validation_leaves_expert_biases_alone(runs):
+    """DeepSeek-V3 updates its expert biases from the tokens routed in training; the held-out forwards route
+    tokens too, and are not counted: the training losses with and without validation are equal to the bit."""
+    with_it, without = runs[("deepseek_v3", "accum2")], runs[("deepseek_v3", "accum2_no_validation")]
+    assert not val_losses(without) and sorted(val_losses(with_it)) == [5, 10]
+    assert losses(with_it) == losses(without)
 
 
 @pytest.mark.parametrize("family", RUNS)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers import TINY, losses, read_metrics, run_launch
+from helpers import TINY, losses, read_metrics, run_launch, val_losses, with_validation
 
 pytestmark = pytest.mark.multiprocess
 
@@ -45,8 +45,9 @@ LAYOUTS = {
 
 
 def layout_args(overrides: list[str]) -> list[str]:
-    """The launch.py overrides of a layout (tests/test_activation_checkpoint.py compares against fsdp2's run)."""
-    return [*TINY, *overrides, "checkpoint.interval=5", "checkpoint.keep_latest_k=0"]
+    """The launch.py overrides of a layout (tests/test_activation_checkpoint.py compares against fsdp2's run),
+    validating at steps 5 and 10 over the same 16 held-out windows in every layout."""
+    return with_validation([*TINY, *overrides, "checkpoint.interval=5", "checkpoint.keep_latest_k=0"])
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,22 @@ def test_layout_matches_single_process(runs, layout):
         assert other[step] == pytest.approx(single[step], rel=RTOL), (layout, step, other[step], single[step])
 
 
+@pytest.mark.parametrize("layout", [k for k in LAYOUTS if k != "single"])
+def test_held_out_loss_matches_single_process(run_dirs, layout):
+    """The same 16 held-out windows, forward only, in every layout: the same sums in another order (RTOL)."""
+    single, other = val_losses(run_dirs["single"]), val_losses(run_dirs[layout])
+    assert sorted(single) == [5, 10] and sorted(other) == [5, 10]
+    assert other == pytest.approx(single, rel=RTOL), layout
+
+
+def test_validation_changes_no_training_loss(runs, launch_once):
+    """Validation reads its own loader and no RNG, and puts the model back in training mode: the training losses
+    of the same run without it are equal to the bit (deterministic CPU run)."""
+    run_dir, _ = launch_once([*layout_args(LAYOUTS["single"]), "validation.enable=false"])
+    assert not val_losses(run_dir)
+    assert losses(run_dir) == runs["single"]
+
+
 # Resharding: a checkpoint saved by one layout resumes in another. Model and optimizer reshard
 # through DCP; the data position is global, so the loader continues at the same window.
 RESHARD = {
@@ -104,3 +121,6 @@ def test_resharded_resume_continues_the_run(runs, run_dirs, parity_root, cache_d
     assert steps == list(range(1, 11)) + list(range(6, 11))
     for step in range(6, 11):
         assert resumed[step] == pytest.approx(runs[source][step], rel=RTOL), (case, step)
+    # the held-out loss of step 5 was measured before its checkpoint: the resumed run does not measure it again
+    assert [m["step"] for m in read_metrics(run_dir) if "val_loss" in m] == [5, 10, 10]
+    assert val_losses(run_dir)[10] == pytest.approx(val_losses(run_dirs[source])[10], rel=RTOL), case

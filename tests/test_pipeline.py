@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import TINY, compose, read_metrics, run_launch
+from helpers import TINY, compose, read_metrics, run_launch, with_validation
 
 from pretrain.config import ConfigError, resolve
 from pretrain.config.layout import PP_SCHEDULES, pipeline_layers_per_stage
@@ -186,8 +186,9 @@ STARTS_FROM = {"ZBVZeroBubble": ("single", 3)}
 
 
 def launch(root, name: str, overrides: list[str], cache_dir) -> str:
-    args = [*PP_TINY, "checkpoint.enable=false", *overrides, f"job.name={name}", f"data.cache_dir={cache_dir}"]
-    proc = run_launch(args, cwd=root, timeout=600)
+    # the held-out loss at steps 3 and 6 over the same 16 windows in every layout (the pipeline's eval schedule)
+    args = with_validation([*PP_TINY, "checkpoint.enable=false", *overrides], freq=3)
+    proc = run_launch([*args, f"job.name={name}", f"data.cache_dir={cache_dir}"], cwd=root, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -226,9 +227,11 @@ def runs(tmp_path_factory, cache_dir):
     return result, stdout
 
 
-def metrics(run_dir) -> dict[int, tuple[float, float]]:
-    """step -> (loss, grad_norm), the latest line winning (a resumed run logs its steps again)."""
-    return {m["step"]: (m["loss"], m["grad_norm"]) for m in read_metrics(run_dir)}
+def metrics(run_dir) -> dict[int, tuple[float, ...]]:
+    """step -> (loss, grad_norm) or, on a step that validated, (loss, grad_norm, held-out loss), the latest line
+    winning (a resumed run logs its steps again)."""
+    return {m["step"]: (m["loss"], m["grad_norm"], *([m["val_loss"]] if "val_loss" in m else []))
+            for m in read_metrics(run_dir)}
 
 
 def assert_close(other: dict, single: dict, steps, name: str) -> None:
@@ -240,6 +243,7 @@ def assert_close(other: dict, single: dict, steps, name: str) -> None:
 def test_single_process_learns(runs):
     single = runs[0]["single"]
     assert sorted(single) == list(range(1, 7))
+    assert [step for step, values in single.items() if len(values) == 3] == [3, 6]  # validated
     # a sanity check that the reference trains at all (6 steps of a tiny model move the loss little,
     # and by how much depends on the corpus, i.e. on the Python install); the parity checks are below
     assert single[6][0] < single[1][0]

@@ -347,7 +347,7 @@ def test_a_store_smaller_than_a_global_batch_is_refused(small_store, tokenizer):
 
 def test_shuffle_of_a_text_stream_is_refused():
     refused(lambda: resolve(compose(["data.shuffle=true"])), "data.shuffle=true needs a token store")
-    refused(lambda: resolve(compose(["data=tokenized"])), "data=tokenized needs data.path")
+    refused(lambda: resolve(compose(["data=tokenized"])), "data.format=tokenized needs data.path")
 
 
 # -- the command, and a launched run ------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 
 from pretrain.config import JobConfig
 from pretrain.config.features import selective_every_n
+from pretrain.config.held_out import validation_shape
 from pretrain.config.model import ffn_hidden_dim
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
@@ -75,6 +76,18 @@ def estimate_activations(job: JobConfig, dims: ParallelDims, layers_on_rank: int
     return int(per_token_16bit * tokens * compute_bytes / 2) + logits
 
 
+def estimate_validation_activations(job: JobConfig, dims: ParallelDims, compute_bytes: int) -> int:
+    """A validation batch's peak, forward only under no_grad: nothing is saved for backward, so one layer's
+    working set (the 34 D per token of no AC, freed as the next layer starts) plus the fp32 logits of the
+    batch (B x T x V / tp; under PP, of one micro-batch on the last stage)."""
+    m = job.model
+    batch, seq_len = validation_shape(job)
+    micro = job.parallelism.pipeline_parallel_microbatch_size if dims.pp_enabled else batch
+    tokens = micro * seq_len // dims.cp
+    none, _, _ = _saved_per_token(job, dims)
+    return int(none * tokens * compute_bytes / 2) + tokens * m.vocab_size // dims.tp * 4
+
+
 def check_activations_fit(job: JobConfig, dims: ParallelDims, device: torch.device) -> None:
     """Refuse, before any data is read, a batch whose saved activations alone exceed this rank's memory (the
     whole device on CUDA, the machine's RAM shared by its local ranks on CPU). Parameters, gradients and
@@ -96,4 +109,12 @@ def check_activations_fit(job: JobConfig, dims: ParallelDims, device: torch.devi
             f"{job.activation_checkpoint.mode}), more than its {have / GIB:,.1f} GiB of {where}. Fix: lower "
             "training.seq_len or training.local_batch_size (training.global_batch_size keeps the batch through "
             "accumulation), or set activation_checkpoint.mode=full; `dry_run=true` prints the whole estimate."
+        )
+    held_out = estimate_validation_activations(job, dims, compute_bytes) if job.validation.enable else 0
+    if held_out > have:
+        batch, seq_len = validation_shape(job)
+        raise ConfigError(
+            f"A validation batch of {batch} x {seq_len} tokens per rank needs about {held_out / GIB:,.1f} GiB in its "
+            f"forward pass (mostly fp32 logits), more than the {have / GIB:,.1f} GiB of {where}. Fix: lower "
+            "validation.local_batch_size or validation.seq_len."
         )

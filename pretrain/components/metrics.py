@@ -164,6 +164,7 @@ def format_line(step: int, values: dict[str, float], step_width: int = 6) -> str
         f" | tok/s {v['tokens_per_s']:>9,.0f} | TFLOP/s {v['tflops']:7.2f} | MFU {v['mfu']:5.1f}%"
         f" | mem {v['memory_gib']:6.2f} GiB"
         + (f" | experts {v['moe_min_load']:.2f}-{v['moe_max_load']:.2f}x" if "moe_max_load" in v else "")
+        + (f" | val loss {v['val_loss']:7.4f} ppl {v['val_perplexity']:.4g}" if "val_loss" in v else "")
     )
 
 

@@ -96,6 +96,9 @@ class ProfilingConfig:
     save_memory_snapshot_folder: str = "memory_snapshot"  # inside the run directory
 
 
+FILE_BUILDERS = ("local", "json", "parquet", "text", "csv", "arrow")  # data.path values that name a file format
+
+
 @dataclass
 class DataConfig:
     name: str = "embedded"  # preset name (informational)
@@ -222,6 +225,21 @@ class CommConfig:
 
 
 @dataclass
+class ValidationConfig:
+    enable: bool = False  # held-out loss and perplexity every `freq` steps and at the last step
+    freq: int = 500  # steps between validations
+    steps: int = -1  # batches per validation; -1 = every full batch of the held-out set
+    local_batch_size: int = 0  # sequences per data-parallel rank per batch; 0 = training.local_batch_size
+    seq_len: int = 0  # tokens per sequence; 0 = training.seq_len
+    # The held-out documents: `split` of data's source (the embedded corpus holds 1 document in 100 out of training
+    # as its validation split), or of `path` when set. Read with the run's tokenizer and data options.
+    path: str = ""  # "" = data.path; else another source as data.path takes them (a token store with format=tokenized)
+    data_files: list[str] = field(default_factory=list)  # its files, as data.data_files; [] = data.data_files
+    split: str = "validation"  # the held-out split (local files: the name given to data_files)
+    format: str = ""  # text | tokenized, as data.format; "" = data.format
+
+
+@dataclass
 class MetricsConfig:
     log_freq: int = 10  # log every this many steps (and the first and last step)
     enable_aim: bool = True  # track the run in Aim (rank 0)
@@ -244,6 +262,7 @@ class JobConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     profiling: ProfilingConfig = field(default_factory=ProfilingConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     # build everything on a fake process group at the full world size, print per-rank memory, exit

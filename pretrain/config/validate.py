@@ -13,9 +13,10 @@ from typing import Any
 
 from pretrain.config.degrees import Degrees
 from pretrain.config.features import check_features
+from pretrain.config.held_out import check_validation, held_out_data
 from pretrain.config.layout import check_layout
 from pretrain.config.model import family_spec, validate_model
-from pretrain.config.schema import ClusterConfig, DataConfig, JobConfig
+from pretrain.config.schema import FILE_BUILDERS, ClusterConfig, DataConfig, JobConfig
 from pretrain.errors import ConfigError, check_choice, check_positive
 
 
@@ -136,8 +137,11 @@ def validate(job: JobConfig) -> None:
             "job.dump_folder='' is empty. Fix: e.g. job.dump_folder=outputs (the root of all run directories)."
         )
     check_data_options(job.data)
+    check_validation(job, dims)
     if not job.dry_run:  # a dry run reads no data
         validate_data(job.data)
+        if job.validation.enable and job.validation.path:
+            check_source(held_out_data(job), key="validation")
 
 
 # sbatch options that cluster.* keys set; extra_sbatch must not set them a second time
@@ -217,48 +221,54 @@ def check_data_options(d: DataConfig) -> None:
 
 
 def validate_data(d: DataConfig) -> None:
-    """Local data must exist before launch; hub ids are checked when they are opened. A token store must have its
-    manifest (written last by prepare); the rest of it is checked when it is opened (pretrain/data/token_store.py)."""
+    """The data section's files, before launch (see check_source)."""
     check_data_options(d)
     if d.tokenizer_path and not os.path.exists(os.path.expanduser(d.tokenizer_path)):
         raise ConfigError(
             f"data.tokenizer_path={d.tokenizer_path!r} does not exist. "
             "Fix: point it at a sentencepiece .model or a tokenizer.json, or set it to '' to train one."
         )
+    check_source(d)
+
+
+def check_source(d: DataConfig, key: str = "data") -> None:
+    """Local data must exist before launch; hub ids are checked when they are opened. A token store must have its
+    manifest (written last by prepare); the rest of it is checked when it is opened (pretrain/data/token_store.py).
+    key: the section that set d.path and d.data_files, named in the messages."""
     if d.format == "tokenized":
         store = os.path.expanduser(d.path)
         if not d.path:
             raise ConfigError(
-                "data=tokenized needs data.path, the directory of a token store. Fix: make one with `python -m "
-                "pretrain.data.prepare <data and model options> --out DIR` and add data.path=DIR (see docs/data.md)."
+                f"{key}.format=tokenized needs {key}.path, the directory of a token store. Fix: make one with "
+                "`python -m pretrain.data.prepare <data and model options> --out DIR` and add "
+                f"{key}.path=DIR (see docs/data.md)."
             )
         if not os.path.isfile(os.path.join(store, "manifest.json")):
             what = "is not a directory" if not os.path.isdir(store) else "has no manifest.json (an unfinished prepare?)"
             raise ConfigError(
-                f"data.path={d.path!r} {what}, so not a complete token store (data=tokenized). Fix: make it with "
-                f"`python -m pretrain.data.prepare <data and model options> --out {d.path}` (see docs/data.md)."
+                f"{key}.path={d.path!r} {what}, so not a complete token store ({key}.format=tokenized). Fix: make "
+                f"it with `python -m pretrain.data.prepare <data and model options> --out {d.path}` (see docs/data.md)."
             )
         return
     if d.path == "embedded":
         return
     root = os.path.expanduser(d.path)
-    builders = ("local", "json", "parquet", "text", "csv", "arrow")
-    if d.path in builders or os.path.isdir(root):
+    if d.path in FILE_BUILDERS or os.path.isdir(root):
         if not d.data_files:
             raise ConfigError(
-                f"data.path={d.path!r} needs data.data_files (paths or globs). "
-                "Fix: e.g. data.data_files='[/data/*.jsonl]'."
+                f"{key}.path={d.path!r} needs {key}.data_files (paths or globs). "
+                f"Fix: e.g. {key}.data_files='[/data/*.jsonl]'."
             )
         base = root if os.path.isdir(root) else ""
         for pattern in d.data_files:
             full = os.path.join(base, os.path.expanduser(pattern))
             if not glob.glob(full):
                 raise ConfigError(
-                    f"data.data_files entry {pattern!r} matches no file (looked for {full!r}). "
-                    "Fix: correct the path or glob, or the data.path it is relative to."
+                    f"{key}.data_files entry {pattern!r} matches no file (looked for {full!r}). "
+                    f"Fix: correct the path or glob, or the {key}.path it is relative to."
                 )
     elif d.path.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", d.path):
         raise ConfigError(
-            f"data.path={d.path!r} is neither an existing local directory nor a hub id (owner/name). "
+            f"{key}.path={d.path!r} is neither an existing local directory nor a hub id (owner/name). "
             "Fix: point it at an existing directory, or use a hub id such as allenai/c4."
         )

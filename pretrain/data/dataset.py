@@ -17,7 +17,7 @@ import torch
 from pretrain.config import DataConfig
 from pretrain.data.sources import iter_texts, open_text_stream
 from pretrain.data.store_loader import TokenStoreLoader
-from pretrain.data.windows import GlobalWindowLoader, MicroBatches
+from pretrain.data.windows import EndOfData, GlobalWindowLoader, MicroBatches
 from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -32,10 +32,12 @@ def build_loader(
     global_batch_size: int,
     dp_rank: int = 0,
     dp_degree: int = 1,
+    one_pass: bool = False,
 ) -> TokenWindowLoader | TokenStoreLoader:
-    """The loader of `data`: a token store (data.format=tokenized) read by index, or text tokenized as it streams."""
+    """The loader of `data`: a token store (data.format=tokenized) read by index, or text tokenized as it streams.
+    one_pass: hand out each full step of the data once, then raise EndOfData (validation), instead of epochs."""
     loader = TokenStoreLoader if data.format == "tokenized" else TokenWindowLoader
-    return loader(data, tokenizer, seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree)
+    return loader(data, tokenizer, seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, one_pass=one_pass)
 
 
 class TokenWindowLoader(GlobalWindowLoader):
@@ -59,9 +61,10 @@ class TokenWindowLoader(GlobalWindowLoader):
         dp_rank: int = 0,
         dp_degree: int = 1,
         pin_memory: bool | None = None,
+        one_pass: bool = False,
     ):
         super().__init__(
-            seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, data.prefetch_steps, pin_memory
+            seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, data.prefetch_steps, pin_memory, one_pass
         )
         self._data = data
         self._tokenizer = tokenizer
@@ -121,6 +124,8 @@ class TokenWindowLoader(GlobalWindowLoader):
             for text in self._documents:
                 if text:  # empty or missing documents are skipped, not packed as a lone [BOS, EOS]
                     return self._bos + self._tokenizer.encode(text) + self._eos
+            if self.one_pass:
+                raise EndOfData
             self._epoch += 1
             self._dataset.set_epoch(self._epoch)  # datasets ignores a starting state saved in another epoch
             self._documents, self._dataset_state_at_start = None, None

@@ -4,6 +4,9 @@ Two sources, both read as text (nothing is imported from the standard library's 
 the topics of `pydoc_data.topics` (the language reference behind `help()`, ~465 KB) and the
 module/class/function docstrings of the standard library's .py files (~2-3 MB). The order is
 deterministic for a given Python version: topics by name, then files by sorted path.
+
+It has two splits: `validation`, a fixed 1 in HOLDOUT_EVERY documents (the 100th, the 200th, ...), held out
+for the validation loss, and `train`, the others.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ import os
 import sys
 import sysconfig
 
+from pretrain.errors import ConfigError
+
+HOLDOUT_EVERY = 100  # every 100th document is in the validation split, the others in train
+SPLITS = ("train", "validation")
 MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly one-liners ("Return x."), poor prose
 # tests are not prose; pydoc_data is already in as topics (and is 750 KB of source to parse)
 _SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
@@ -43,6 +50,18 @@ def embedded_documents(cache_dir: str | None = None) -> list[str]:
         json.dump(documents, f)
     os.replace(tmp, path)  # atomic: ranks building at once write the same content
     return documents
+
+
+def embedded_split(documents: list[str], split: str) -> list[str]:
+    """The documents of `split` (train | validation) of the embedded corpus, in corpus order."""
+    if split == "validation":
+        return documents[HOLDOUT_EVERY - 1 :: HOLDOUT_EVERY]
+    if split == "train":
+        return [doc for i, doc in enumerate(documents, start=1) if i % HOLDOUT_EVERY]
+    raise ConfigError(
+        f"The embedded corpus has the splits {', '.join(SPLITS)}, not {split!r}. Fix: data.split=train (and "
+        "validation.split=validation)."
+    )
 
 
 def _build() -> list[str]:

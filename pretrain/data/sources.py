@@ -23,13 +23,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from pretrain.config import DataConfig
-from pretrain.data.embedded import embedded_documents
+from pretrain.config.schema import FILE_BUILDERS
+from pretrain.data.embedded import embedded_documents, embedded_split
 from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
     import datasets
 
-FILE_BUILDERS = ("local", "json", "parquet", "text", "csv", "arrow")  # data.path values that name a file format
 _BUILDER_BY_SUFFIX = {  # data.path=local: the builder of each file extension; longer suffixes first
     ".jsonl.gz": "json", ".json.gz": "json", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
     ".txt.gz": "text", ".txt": "text", ".csv": "csv", ".arrow": "arrow",
@@ -46,7 +46,7 @@ def open_text_stream(data: DataConfig) -> datasets.IterableDataset:
     text_column = data.text_field
     if data.path == "embedded":
         text_column = "text"
-        stream = datasets.Dataset.from_dict({"text": embedded_documents(data.cache_dir)})
+        stream = datasets.Dataset.from_dict({"text": embedded_split(embedded_documents(data.cache_dir), data.split)})
     elif data.path in FILE_BUILDERS:
         builder = _builder_for(data)
         options = {}
@@ -55,8 +55,8 @@ def open_text_stream(data: DataConfig) -> datasets.IterableDataset:
             options["sample_by"] = "paragraph"  # a document per blank-line-separated paragraph, not per line
         files = [os.path.expanduser(f) for f in data.data_files]
         with _bad_input_as_config_error(data):  # parquet footers are read here; with streaming=false, all files
-            stream = datasets.load_dataset(
-                builder, data_files=files, split=data.split, streaming=data.streaming, **options
+            stream = datasets.load_dataset(  # the files are the split: data_files as {split: files}
+                builder, data_files={data.split: files}, split=data.split, streaming=data.streaming, **options
             )
     else:
         with _bad_input_as_config_error(data):
@@ -79,7 +79,7 @@ def _load_hub_layout(data: DataConfig):
         return datasets.load_dataset(
             local_root if is_local else data.path,
             name=data.config_name or None,
-            data_files=list(data.data_files) or None,
+            data_files={data.split: list(data.data_files)} if data.data_files else None,  # the files are the split
             split=data.split,
             streaming=data.streaming,
         )

@@ -20,7 +20,7 @@ from pretrain.config import DataConfig
 from pretrain.data.shuffle import WindowOrder
 from pretrain.data.token_store import TokenStore, check_store_tokenizer
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.data.windows import GlobalWindowLoader, MicroBatches
+from pretrain.data.windows import EndOfData, GlobalWindowLoader, MicroBatches
 from pretrain.errors import ConfigError
 
 KIND = "token_store"  # the "loader" entry of the state: a text stream's state has none
@@ -37,15 +37,16 @@ class TokenStoreLoader(GlobalWindowLoader):
         dp_rank: int = 0,
         dp_degree: int = 1,
         pin_memory: bool | None = None,
+        one_pass: bool = False,
     ):
         super().__init__(
-            seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, data.prefetch_steps, pin_memory
+            seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, data.prefetch_steps, pin_memory, one_pass
         )
         self.store = TokenStore(data.path)
         check_store_tokenizer(self.store.path, self.store.manifest, tokenizer, data)
         window = seq_len + 1
         self.windows_per_epoch = self.store.tokens // window
-        if self.windows_per_epoch < global_batch_size:
+        if self.windows_per_epoch < global_batch_size and not one_pass:  # one pass: EndOfData at the first step
             raise ConfigError(
                 f"Token store {self.store.path} holds {self.store.tokens:,} tokens = {self.windows_per_epoch} "
                 f"windows of training.seq_len + 1 = {window} tokens, fewer than one global batch of "
@@ -68,6 +69,8 @@ class TokenStoreLoader(GlobalWindowLoader):
 
     def _produce(self) -> tuple[MicroBatches, int]:
         window = self.seq_len + 1
+        if self.one_pass and self._produced + self.global_batch_size > self.windows_per_epoch:
+            raise EndOfData
         ids = self.rank_windows(self._produced)
         rows = np.stack([self.store.read(int(w) * window, window) for w in ids])  # (accumulation_steps * B, T + 1)
         self._produced += self.global_batch_size

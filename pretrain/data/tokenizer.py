@@ -26,6 +26,7 @@ from filelock import FileLock
 from tokenizers import Tokenizer as RustTokenizer
 
 from pretrain.config import DataConfig, ModelConfig
+from pretrain.data.embedded import HOLDOUT_EVERY
 from pretrain.data.sources import iter_texts, open_text_stream, resolve_local_files
 from pretrain.data.token_store import TOKENIZER_DIR, check_store_tokenizer, read_manifest
 from pretrain.errors import ConfigError
@@ -245,8 +246,9 @@ def tokenizer_cache_key(data: DataConfig, vocab_size: int) -> str:
         "sample_version": 2,  # what _TrainingSample hands the trainer; 2: long lines cut to fit, the sample cut exactly
         "sentencepiece": spm.__version__,
         "options": SENTENCEPIECE_TRAINER_OPTIONS,
-        # the embedded corpus is the docstrings of this Python's standard library
+        # the embedded corpus is the docstrings of this Python's standard library, less its validation split
         "python": platform.python_version() if data.path == "embedded" else "",
+        "embedded_holdout": HOLDOUT_EVERY if data.path == "embedded" else 0,
     }
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
     readable = "".join(c if c.isalnum() or c in "-_" else "_" for c in (data.name or "corpus"))

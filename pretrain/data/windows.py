@@ -22,6 +22,11 @@ from pretrain.data.prefetch import Prefetcher
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+class EndOfData(Exception):
+    """A one-pass loader (validation's) has handed out every full step of its data; the rest is fewer windows than
+    one step."""
+
+
 class GlobalWindowLoader(ABC):
     def __init__(
         self,
@@ -32,6 +37,7 @@ class GlobalWindowLoader(ABC):
         dp_degree: int,
         prefetch_steps: int,
         pin_memory: bool | None,
+        one_pass: bool = False,
     ):
         micro_step_windows = local_batch_size * dp_degree
         if seq_len <= 0 or local_batch_size <= 0 or global_batch_size % micro_step_windows or global_batch_size <= 0:
@@ -48,6 +54,7 @@ class GlobalWindowLoader(ABC):
         self.dp_degree = dp_degree
         self.accumulation_steps = global_batch_size // micro_step_windows
         self.prefetch_steps = prefetch_steps
+        self.one_pass = one_pass  # next_step raises EndOfData at the end of the data instead of starting it again
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._prefetcher: Prefetcher | None = None  # started by the first next_step, after any load_state_dict
 

@@ -197,10 +197,17 @@ class Pipeline:
 
     def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Forward and backward of inputs, labels (B, T); the summed micro-batch losses, on every pp rank."""
+        return self._run(self.schedule.step, inputs, labels)
+
+    def eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only (validation): the summed micro-batch losses of inputs, labels (B, T), on every pp rank."""
+        return self._run(self.schedule.eval, inputs, labels)
+
+    def _run(self, run_schedule: Callable, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         losses: list[torch.Tensor] = []
         args = (inputs,) if self.has_first else ()
         targets = {"target": labels, "losses": losses} if self.has_last else {}
-        self.schedule.step(*args, **targets, **self.step_options)
+        run_schedule(*args, **targets, **self.step_options)
         loss = torch.zeros((), device=self.device)
         for micro_loss in losses:
             micro_loss = micro_loss.detach()
