@@ -225,12 +225,15 @@ class Trainer:
             gc.collect()
             gc.disable()
         start = window_start = time.perf_counter()
-        window_tokens = 0
+        window_tokens, window_data_s = 0, 0.0  # tokens trained and seconds waited for batches since the last log
         rank = dist.get_rank()
         with profile_steps(self.job.profiling, self.job.job.run_dir, rank, self.device, state.step) as profiler:
             while state.step < t.steps:
                 lr = self.lr_scheduler.get_last_lr()[0]
-                loss, grad_norm = self.train_step(self.dataloader.next_step())
+                waited = time.perf_counter()
+                batch = self.dataloader.next_step()  # ready in steady state: prepared ahead in a thread
+                window_data_s += time.perf_counter() - waited
+                loss, grad_norm = self.train_step(batch)
                 state.step += 1
                 if state.step == self.first_step:  # set-up, compile and loading are done: a stall now is a fault
                     set_collective_timeout(self.job.comm.train_timeout_seconds, self.dims.process_groups())
@@ -250,19 +253,20 @@ class Trainer:
                 if log_now:
                     now = time.perf_counter()
                     window = now - window_start - held_out.get("val_seconds", 0.0)  # training time only
-                    self._log_step(state, loss, grad_norm, lr, window_tokens, window, now - start, held_out)
-                    window_start, window_tokens = time.perf_counter(), 0
+                    data = {"data_wait_pct": 100.0 * window_data_s / window}  # of the training time: 0 = never waited
+                    self._log_step(state, loss, grad_norm, lr, window_tokens, window, now - start, {**data, **held_out})
+                    window_start, window_tokens, window_data_s = time.perf_counter(), 0, 0.0
                 if self.checkpoint.should_save(state.step, t.steps):
                     state.elapsed_s += time.perf_counter() - start
                     start = time.perf_counter()
                     self.checkpoint.save(state, last=state.step == t.steps)
-                    window_start, window_tokens = time.perf_counter(), 0  # saves are not training throughput
+                    window_start, window_tokens, window_data_s = time.perf_counter(), 0, 0.0  # saves are not training
                 # a signal: save this step, then stop (locally) or requeue (SLURM)
                 preemption.checkpoint_and_requeue_if_signalled(self.checkpoint, state)
             self.checkpoint.wait()  # a background save still in flight is on disk before the run ends
 
     def _log_step(self, state, loss, grad_norm, lr: float, tokens: int, seconds: float, since_start: float,
-                  held_out: dict[str, float]) -> None:
+                  extra: dict[str, float]) -> None:
         if state.step == self.first_step:  # compile, allocator and cache warm-up: not steady state
             logger.info(
                 f"first step took {seconds:.1f}s "
@@ -282,7 +286,7 @@ class Trainer:
                 "tokens_seen": state.tokens_seen,
                 "nonfinite_steps": self.nonfinite_steps,
                 **{key: value.item() for key, value in self.expert_stats.items()},
-                **held_out,
+                **extra,
                 **({"warmup": 1.0} if state.step == self.first_step else {}),  # readers drop it from steady state
             },
         )

@@ -384,24 +384,34 @@ def test_prepare_command_in_parallel_and_killed(tmp_path, embedded_store, cache_
 
 
 @pytest.mark.slow
-def test_launched_run_on_a_store_resumes_under_another_layout(tmp_path, embedded_store, cache_dir):
-    """data=tokenized (shuffled) in one process for 10 steps; the same run resumed from step 5 on two FSDP ranks
-    matches it within the layout tolerance."""
+def test_launched_run_on_a_store_resumes_twice_under_other_layouts(tmp_path, embedded_store, cache_dir):
+    """data=tokenized (shuffled) in one process for 12 steps; the same run resumed from step 4 on two FSDP ranks,
+    then from step 8 in one process with gradient accumulation, matches it within the layout tolerance."""
     args = [*TINY, "data=tokenized", f"data.path={embedded_store}", f"data.cache_dir={cache_dir}",
-            "checkpoint.interval=5", "checkpoint.keep_latest_k=0"]
+            "training.steps=12", "checkpoint.interval=4", "checkpoint.keep_latest_k=0"]
     proc = run_launch([*args, "training.local_batch_size=8", "job.name=straight"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     straight = losses(tmp_path / "outputs" / "straight")
-    assert sorted(straight) == list(range(1, 11))
+    assert sorted(straight) == list(range(1, 13))
     run_dir = tmp_path / "outputs" / "resharded"
     shutil.copytree(tmp_path / "outputs" / "straight", run_dir)
-    shutil.rmtree(run_dir / "checkpoint" / "step-10")
-    state = json.loads((run_dir / "checkpoint" / "step-5" / "train_state.json").read_text())
-    assert state["dataloader"]["windows_consumed"] == 5 * 8 and state["dataloader"]["shuffle"] is True
-    proc = run_launch([*args, "parallelism=fsdp", "cluster.nproc_per_node=2", "training.local_batch_size=4",
-                       "job.name=resharded"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 11)) + list(range(6, 11))
-    resumed = losses(run_dir)
-    for step in range(6, 11):
-        assert resumed[step] == pytest.approx(straight[step], rel=LOSS_RTOL), step
+    for step in (8, 12):
+        shutil.rmtree(run_dir / "checkpoint" / f"step-{step}")
+    state = json.loads((run_dir / "checkpoint" / "step-4" / "train_state.json").read_text())
+    assert state["dataloader"]["windows_consumed"] == 4 * 8 and state["dataloader"]["shuffle"] is True
+    layouts = [  # resume 1 from step 4, resume 2 from step 8 (the first resume's own checkpoint)
+        ["parallelism=fsdp", "cluster.nproc_per_node=2", "training.local_batch_size=4"],
+        ["training.local_batch_size=2", "training.global_batch_size=8"],
+    ]
+    for resume, layout in enumerate(layouts):
+        if resume:
+            shutil.rmtree(run_dir / "checkpoint" / "step-12")
+        proc = run_launch([*args, *layout, "job.name=resharded"], cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "step-4" in proc.stdout if resume == 0 else "step-8" in proc.stdout
+        first = 5 if resume == 0 else 9
+        resumed = {m["step"]: m["loss"] for m in read_metrics(run_dir)[-(13 - first):]}
+        assert sorted(resumed) == list(range(first, 13))
+        for step in resumed:
+            assert resumed[step] == pytest.approx(straight[step], rel=LOSS_RTOL), (resume, step)
+    assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, 13)) + list(range(5, 13)) + list(range(9, 13))

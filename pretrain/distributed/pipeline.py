@@ -161,7 +161,8 @@ class Pipeline:
         after_metadata_pass: Callable[[], None] = lambda: None,
     ):
         p = job.parallelism
-        self.device = device
+        self.device, self.parts = device, parts
+        self.forward_only_eval = p.pipeline_parallel_schedule not in V_SCHEDULES
         self.group = dims.mesh("pp").get_group()
         n_stages = pipeline_stage_count(job, dims)
         ids = _stage_ids(dims, job, pp_rank=None)
@@ -200,8 +201,17 @@ class Pipeline:
         return self._run(self.schedule.step, inputs, labels)
 
     def eval(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward only (validation): the summed micro-batch losses of inputs, labels (B, T), on every pp rank."""
-        return self._run(self.schedule.eval, inputs, labels)
+        """Validation: the summed micro-batch losses of inputs, labels (B, T), on every pp rank, forward only. The
+        V-shaped schedules have no forward-only pass in torch (their action lists hold the backward whatever
+        schedule.eval asks): they run a whole step, and its gradients are dropped."""
+        if self.forward_only_eval:
+            return self._run(self.schedule.eval, inputs, labels)
+        with torch.enable_grad():
+            loss = self._run(self.schedule.step, inputs, labels)
+        for part in self.parts:
+            for param in part.parameters():
+                param.grad = None
+        return loss
 
     def _run(self, run_schedule: Callable, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         losses: list[torch.Tensor] = []
