@@ -1,6 +1,6 @@
 """How much of a `python launch.py` step at seq 2048 waits for its batch, streaming text vs a token store.
 
-    python sweeps/bench/loader_share.py                  # ~4 minutes on 2 cores; prints a markdown table
+    python sweeps/bench/loader_share.py                  # ~1 minute on 2 cores; prints a markdown table
     python sweeps/bench/loader_share.py --steps 6 --local-batch 1
 
 The default run (Llama 3 debug on the embedded corpus, one process) with training.seq_len=2048, read as text
