@@ -90,6 +90,11 @@ class Trainer:
                                      after_metadata_pass=self.expert_load.reset)
         self.model = None if self.pipeline else self.model_parts[0]
         self.params = [p for part in self.model_parts for p in part.parameters()]  # clipped every step
+        self.validator = None  # its held-out documents are checked here, before the checkpoint is touched
+        if job.validation.enable:
+            self.validator = Validator(job, tokenizer, self.dims, dp_rank, self.device, self.model_parts,
+                                       self.pipeline, self.expert_load, self.local_tokens_per_step)
+            logger.info(self.validator.describe())
         self.optimizer = build_optimizer(nn.ModuleList(self.model_parts), job.optimizer)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, job.lr_scheduler, t.steps)
         self.checkpoint = CheckpointManager(
@@ -108,11 +113,6 @@ class Trainer:
         self.compute_dtype = param_dtype(t, self.device)
         # without FSDP there is no MixedPrecisionPolicy: bf16 compute comes from autocast
         self.use_autocast = self.compute_dtype != torch.float32 and not self.dims.fsdp_enabled
-        self.validator = None
-        if job.validation.enable:
-            self.validator = Validator(job, tokenizer, self.dims, dp_rank, self.device, self.model_parts,
-                                       self.pipeline, self.expert_load, self.local_tokens_per_step)
-            logger.info(self.validator.describe())
         self.peak_flops, peak_source = peak_flops(self.device, self.compute_dtype, job.data.cache_dir)
         self.metrics = MetricsLogger(job, enabled=is_rank0())
         logger.info(

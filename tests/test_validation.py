@@ -34,7 +34,8 @@ def test_the_default_run_validates_on_the_held_out_split():
     assert job.validation.enable and job.validation.freq == 30
     held_out = held_out_data(job)
     assert (held_out.path, held_out.split, held_out.shuffle) == ("embedded", "validation", False)
-    assert (job.data.split, held_out_data(resolve(compose(["validation.split=other"]))).split) == ("train", "other")
+    other = ["validation.path=json", "validation.data_files=[/etc/hostname]", "validation.split=other"]
+    assert (job.data.split, held_out_data(resolve(compose(other))).split) == ("train", "other")
     assert not resolve(compose(["data=local", "data.data_files=[/etc/hostname]"])).validation.enable
 
 
@@ -44,6 +45,8 @@ def test_the_default_run_validates_on_the_held_out_split():
     (["validation.local_batch_size=-1"], "validation.local_batch_size=-1"),
     (["validation.format=csv"], "validation.format"),
     (["validation.split="], "validation.split=''"),
+    (["validation.split=test"], "validation.split='test': the embedded corpus has the splits train, validation"),
+    (["data.split=test"], "data.split='test'"),
     (["validation.seq_len=512"], "validation.seq_len=512 is longer than training.seq_len=256"),
     (["parallelism=fsdp_cp", "cluster.nproc_per_node=4", "validation.seq_len=130"],
      "validation.seq_len=130 is not divisible by 4"),

@@ -155,7 +155,9 @@ def family_names() -> list[str]:
 
 def family_spec(name: str) -> Any:
     """The ModelSpec of the family `name`, loaded by name as Hydra loads a `_target_`: config knows no family,
-    and a family package imports no torch. ConfigError for a name that is not a family."""
+    and a family package imports no torch. A built-in family is a bare name (`qwen3`: pretrain.models.qwen3); a
+    family of the user's is the dotted name of any importable module that defines SPEC (`my_lab.tiny_moe`).
+    ConfigError for a name that is neither."""
     if re.fullmatch(r"[A-Za-z_]\w*", name):
         module = f"{FAMILIES_PACKAGE}.{name}"
         try:
@@ -163,8 +165,32 @@ def family_spec(name: str) -> Any:
         except ModuleNotFoundError as e:
             if e.name != module:
                 raise
+    elif re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", name):
+        return _outside_family_spec(name)
     raise ConfigError(f"model.name={name!r} is not one of {', '.join(family_names())}. Fix: set model.name to one of "
-                      "them.")
+                      "them, or to the dotted name of a module of yours that defines SPEC (docs/adding_a_model.md).")
+
+
+def _outside_family_spec(name: str) -> Any:
+    """The SPEC of the module `name`, a family defined outside this package."""
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if not name.startswith(f"{e.name}.") and e.name != name:
+            raise  # the module exists and imports something missing: its own error says what
+        raise ConfigError(
+            f"model.name={name!r}: no module {name} can be imported ({e}). Fix: install the package that holds it, or "
+            "put the folder above it on the import path (PYTHONPATH=/path/to/project python launch.py ...), or use "
+            f"a built-in family: {', '.join(family_names())}."
+        ) from None
+    spec = getattr(module, "SPEC", None)
+    if not all(hasattr(spec, key) for key in ("model", "tp_plan", "flops", "features", "required")):
+        raise ConfigError(
+            f"model.name={name!r}: module {name} ({module.__file__}) defines no SPEC = ModelSpec(...) (from "
+            f"pretrain.models import ModelSpec); its SPEC is {spec!r:.60}. Fix: define it as docs/adding_a_model.md "
+            "shows."
+        )
+    return spec
 
 
 def requested_features(m: ModelConfig) -> dict[str, str]:

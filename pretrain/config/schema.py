@@ -97,6 +97,7 @@ class ProfilingConfig:
 
 
 FILE_BUILDERS = ("local", "json", "parquet", "text", "csv", "arrow")  # data.path values that name a file format
+EMBEDDED_SPLITS = ("train", "validation")  # the splits of data.path=embedded (pretrain/data/embedded.py)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pretrain.config.features import check_features
 from pretrain.config.held_out import check_validation, held_out_data
 from pretrain.config.layout import check_layout
 from pretrain.config.model import family_spec, validate_model
-from pretrain.config.schema import FILE_BUILDERS, ClusterConfig, DataConfig, JobConfig
+from pretrain.config.schema import EMBEDDED_SPLITS, FILE_BUILDERS, ClusterConfig, DataConfig, JobConfig
 from pretrain.errors import ConfigError, check_choice, check_positive
 
 
@@ -140,8 +140,11 @@ def validate(job: JobConfig) -> None:
     check_validation(job, dims)
     if not job.dry_run:  # a dry run reads no data
         validate_data(job.data)
-        if job.validation.enable and job.validation.path:
-            check_source(held_out_data(job), key="validation")
+        if job.validation.enable:
+            try:
+                check_source(held_out_data(job), key="validation")
+            except ConfigError as e:
+                raise ConfigError(f"{e} Or train without a held-out loss: validation.enable=false.") from None
 
 
 # sbatch options that cluster.* keys set; extra_sbatch must not set them a second time
@@ -251,6 +254,12 @@ def check_source(d: DataConfig, key: str = "data") -> None:
             )
         return
     if d.path == "embedded":
+        if d.split not in EMBEDDED_SPLITS:
+            split_key = "validation.split" if key == "validation" else "data.split"
+            raise ConfigError(
+                f"{split_key}={d.split!r}: the embedded corpus has the splits {', '.join(EMBEDDED_SPLITS)}. Fix: "
+                f"{split_key}={'validation' if key == 'validation' else 'train'}."
+            )
         return
     root = os.path.expanduser(d.path)
     if d.path in FILE_BUILDERS or os.path.isdir(root):

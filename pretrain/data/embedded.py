@@ -19,10 +19,10 @@ import os
 import sys
 import sysconfig
 
+from pretrain.config.schema import EMBEDDED_SPLITS
 from pretrain.errors import ConfigError
 
 HOLDOUT_EVERY = 100  # every 100th document is in the validation split, the others in train
-SPLITS = ("train", "validation")
 MIN_DOCSTRING_CHARS = 200  # shorter docstrings are mostly one-liners ("Return x."), poor prose
 # tests are not prose; pydoc_data is already in as topics (and is 750 KB of source to parse)
 _SKIPPED_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "pydoc_data"}
@@ -59,7 +59,7 @@ def embedded_split(documents: list[str], split: str) -> list[str]:
     if split == "train":
         return [doc for i, doc in enumerate(documents, start=1) if i % HOLDOUT_EVERY]
     raise ConfigError(
-        f"The embedded corpus has the splits {', '.join(SPLITS)}, not {split!r}. Fix: data.split=train (and "
+        f"The embedded corpus has the splits {', '.join(EMBEDDED_SPLITS)}, not {split!r}. Fix: data.split=train (and "
         "validation.split=validation)."
     )
 
