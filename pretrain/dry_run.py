@@ -19,6 +19,7 @@ from pretrain import torch_compat
 from pretrain.components.float8 import convert_to_float8
 from pretrain.components.memory import estimate_activations, estimate_validation_activations
 from pretrain.config import JobConfig
+from pretrain.config.flavors import flavor_label
 from pretrain.config.held_out import validation_shape
 from pretrain.distributed.fsdp import param_dtype
 from pretrain.distributed.parallel_dims import ParallelDims
@@ -105,7 +106,8 @@ def dry_run(job: JobConfig) -> None:
         *([("validation batch (forward only)", mem.validation)] if job.validation.enable else []),
         ("total", mem.total),
     ]
-    print(f"dry run: {job.model.name}/{job.model.flavor} ({n_params / 1e9:.1f} B params, {flops:.3g} FLOPs/token)")
+    model = f"{job.model.name}/{flavor_label(job.model)}"
+    print(f"dry run: {model} ({n_params / 1e9:.1f} B params, {flops:.3g} FLOPs/token)")
     print(f"  world {world} = {dims} on a fake process group; rank 0 holds {mem.n_params_local:,} parameters")
     t = job.training
     print(f"  batch: local {t.local_batch_size} x seq {t.seq_len}, global {t.global_batch_size}")

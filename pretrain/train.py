@@ -26,6 +26,7 @@ from pretrain.components.metrics import MetricsLogger, cuda_memory_stats, memory
 from pretrain.components.optim import build_lr_scheduler, build_optimizer
 from pretrain.components.profiling import profile_steps
 from pretrain.config import JobConfig
+from pretrain.config.flavors import flavor_label
 from pretrain.data.dataset import build_loader
 from pretrain.data.tokenizer import build_tokenizer
 from pretrain.distributed.context_parallel import shard_sequence
@@ -116,7 +117,7 @@ class Trainer:
         self.peak_flops, peak_source = peak_flops(self.device, self.compute_dtype, job.data.cache_dir)
         self.metrics = MetricsLogger(job, enabled=is_rank0())
         logger.info(
-            f"model {job.model.name}/{job.model.flavor}: {self.n_params:,} params, "
+            f"model {job.model.name}/{flavor_label(job.model)}: {self.n_params:,} params, "
             f"{self.flops_per_token:.3g} FLOPs/token | {self.dims} on {self.device} | "
             f"global batch {t.global_batch_size} x {t.seq_len} tokens, "
             f"{t.global_batch_size // (t.local_batch_size * self.dims.dp)} micro-step(s) | "

@@ -8,6 +8,7 @@ import pytest
 from helpers import CONF, REPO, compose, run_launch
 
 from pretrain.config import ConfigError, JobConfig, resolve
+from pretrain.config.flavors import flavor_changes, flavor_label, published_flavors
 
 GROUPS = ("model", "parallelism", "float8", "data", "cluster")
 # What an option needs beside itself to be a valid run on its own: the parallelism presets' defaults
@@ -180,3 +181,21 @@ def test_seed_checkpoint_runs_on_one_process_whatever_the_recipe():
     assert job.world_size == 1 and job.cluster.name == "local"
     assert (p.data_parallel_shard_degree, p.tensor_parallel_degree, p.pipeline_parallel_degree) == (1, 1, 1)
     assert job.model.n_layers == 126  # the model is the recipe's
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_option_is_its_published_flavor(option):
+    model = resolve(compose([f"model={option}"])).model
+    assert published_flavors(model.name)[model.flavor][0] == option
+    assert flavor_label(model) == model.flavor and not flavor_changes(model)
+
+
+def test_a_flavor_label_never_lies_about_the_dims():
+    # torchtitan's spelling of "the 8B" on top of the default (debug) option: the dims would be debug's
+    with pytest.raises(ConfigError, match=r"model.flavor=8B names llama3's published 8B, but the dims are those of "
+                                          r"model=llama3_debug \(model.dim=256 \(8B: 4096\).*Fix: model=llama3_8b"):
+        resolve(compose(["model.name=llama3", "model.flavor=8B"]))
+    # a published flavor with dims edited on purpose runs, and says so wherever it names the model
+    model = resolve(compose(["model=llama3_8b", "model.n_layers=1"])).model
+    assert flavor_label(model) == "8B modified: n_layers=1 (8B: 32)"
+    assert flavor_label(resolve(compose(["model.flavor=mine"])).model) == "mine"  # a label of the user's own

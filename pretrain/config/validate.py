@@ -13,6 +13,7 @@ from typing import Any
 
 from pretrain.config.degrees import Degrees
 from pretrain.config.features import check_features
+from pretrain.config.flavors import check_flavor
 from pretrain.config.held_out import check_validation, held_out_data
 from pretrain.config.layout import check_layout
 from pretrain.config.model import family_spec, validate_model
@@ -40,6 +41,7 @@ def validate(job: JobConfig) -> None:
     m, t, o, s, c = job.model, job.training, job.optimizer, job.lr_scheduler, job.checkpoint
     family_spec(m.name)  # an unknown family is named before anything else of the model section
     validate_model(m)
+    check_flavor(m)  # a label naming a published flavor over another flavor's dims
     if m.hf_assets_path and not job.dry_run and not os.path.isdir(os.path.expanduser(m.hf_assets_path)):
         raise ConfigError(
             f"model.hf_assets_path={m.hf_assets_path!r} is not a directory. "
