@@ -173,6 +173,24 @@ def test_help_lists_groups_and_cfg_prints_config(tmp_path):
     assert (REPO / "launch.py").stat().st_size < 4000
 
 
+@pytest.mark.slow
+def test_a_local_multirun_runs_the_valid_points_and_lists_the_others(tmp_path):
+    """As the SLURM launcher does: the invalid point is skipped with its reason, the valid one runs, a summary ends
+    it; exit 0 unless a point failed, 2 when none is valid."""
+    proc = run_launch(["-m", "parallelism.data_parallel_shard_degree=2,1", "dry_run=true"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dry run: llama3/debug" in proc.stdout and "Traceback" not in proc.stderr
+    summary = proc.stderr[proc.stderr.index("multirun: "):]
+    assert summary.startswith("multirun: 1 of 2 points done, 0 failed, 1 skipped (they do not validate)")
+    assert "skipped: parallelism.data_parallel_shard_degree=2 dry_run=True: parallel degrees do not fill" in summary
+    assert "done: parallelism.data_parallel_shard_degree=1 dry_run=True: dry run" in summary
+    proc = run_launch(["-m", "parallelism.data_parallel_shard_degree=2,4", "dry_run=true"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "multirun: 0 of 2 points done, 0 failed, 2 skipped" in proc.stderr
+    # the skipped points leave no folder; the valid one's stays (a dry run writes nothing into it)
+    points = sorted(p.name for p in (tmp_path / "outputs" / "default").iterdir() if p.is_dir())
+    assert points == ["dry_run=True,parallelism.data_parallel_shard_degree=1"]
+
+
 def test_seed_checkpoint_runs_on_one_process_whatever_the_recipe():
     job = resolve(compose(
         ["experiment=llama3_405b_4d", "checkpoint.create_seed_checkpoint=true", "model.hf_assets_path=''"]
