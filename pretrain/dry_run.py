@@ -120,6 +120,8 @@ def dry_run(job: JobConfig) -> None:
     print("  per-rank memory (rank 0):")
     for label, value in rows:
         print(f"    {label:<30} {value / GIB:9.2f} GiB")
+    if job.parallelism.enable_async_tensor_parallel:
+        print("  async TP: checked (TP > 1, compiled); enabled on the GPUs at run time (symmetric memory, CUDA only)")
     if job.model.moe.n_routed_experts or job.model.mla.kv_lora_rank:
         print("  (the activation estimate uses the dense Llama block's formula; MoE and MLA layers differ)")
     print(f"  built and checked in {time.perf_counter() - start:.1f}s")

@@ -59,3 +59,13 @@ def test_recipe_dry_runs_at_full_scale(recipe, dry_runs):
     fixed = gib["parameters"] + gib["optimizer state"] + gib["all-gathered block"]
     assert gib["total"] == pytest.approx(fixed + max(training, gib["validation batch (forward only)"]), abs=0.03)
     assert not any(root.rglob("step-*"))  # a dry run saves nothing
+
+
+@pytest.mark.slow
+def test_async_tp_is_checked_by_the_dry_run(tmp_path):
+    """The 70B recipe with async TP (CUDA only) is checked from a CPU machine, as everything else is."""
+    args = ["experiment=llama3_70b", "parallelism.enable_async_tensor_parallel=true", "compile.enable=true",
+            "dry_run=true"]
+    proc = run_launch(args, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "async TP: checked" in proc.stdout and "world 256" in proc.stdout

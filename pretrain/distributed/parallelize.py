@@ -57,8 +57,8 @@ def parallelize_decoder(model: nn.Module, dims: ParallelDims, job: JobConfig, bl
             apply_tp_plan(block, tp_mesh, block_plan(block, *styles))
         if model.cfg.tie_word_embeddings and model.output is not None and model.tok_embeddings is not None:
             model.output.weight = model.tok_embeddings.weight  # both are vocab-sharded on dim 0: re-tie
-        if job.parallelism.enable_async_tensor_parallel:
-            enable_async_tp(tp_mesh)
+        if job.parallelism.enable_async_tensor_parallel and not job.dry_run:  # a dry run's mesh is on the CPU:
+            enable_async_tp(tp_mesh)  # the config was checked (TP > 1, compiled, not cluster.device=cpu)
     for block in blocks:
         if getattr(block, "moe", None) is not None:
             apply_moe_parallel(block.moe, dims)
