@@ -151,7 +151,8 @@ def _tensorboard_writer(log_dir: str) -> Any:
     except ImportError as e:
         raise ConfigError(
             f"metrics.enable_tensorboard=true needs the tensorboard package ({e}). "
-            "Fix: pip install tensorboard, or set metrics.enable_tensorboard=false."
+            'Fix: pip install -e ".[tensorboard]" (or pip install tensorboard), or set '
+            "metrics.enable_tensorboard=false."
         ) from None
     return SummaryWriter(log_dir=log_dir)
 
