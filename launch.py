@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from pretrain.config import ConfigError, register_configs, resolve
+from pretrain.config.torchtitan_names import refuse_foreign_spellings
 from pretrain.multirun import REFUSED, record
 from pretrain.rundir import remove_if_created
 
@@ -51,4 +52,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:  # torchtitan's spellings and near misses get the key to use, before Hydra's "not in struct"
+        refuse_foreign_spellings(sys.argv[1:])
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from helpers import CONF, REPO, compose, run_launch
 
 from pretrain.config import ConfigError, JobConfig, resolve
 from pretrain.config.flavors import flavor_changes, flavor_label, published_flavors
+from pretrain.config.torchtitan_names import RENAMED, migration_table, refuse_foreign_spellings, schema_keys
 
 GROUPS = ("model", "parallelism", "float8", "data", "cluster")
 # What an option needs beside itself to be a valid run on its own: the parallelism presets' defaults
@@ -138,6 +140,8 @@ CLI_BAD = [
     (["data=local", "data.data_files=[/nonexistent/*.jsonl]"], "data.data_files"),
     (["training.global_batch_size=12"], "training.global_batch_size"),
     (["parallelism=fsdp", "cluster.nproc_per_node=3", "parallelism.data_parallel_replicate_degree=2"], "replicate"),
+    (["training.dataset=c4"], "training.dataset is torchtitan's spelling. Fix: data=<preset> (c4: data=c4"),
+    (["--training.steps", "10"], "Fix: python launch.py training.steps=10"),
 ]
 
 
@@ -217,3 +221,34 @@ def test_a_flavor_label_never_lies_about_the_dims():
     model = resolve(compose(["model=llama3_8b", "model.n_layers=1"])).model
     assert flavor_label(model) == "8B modified: n_layers=1 (8B: 32)"
     assert flavor_label(resolve(compose(["model.flavor=mine"])).model) == "mine"  # a label of the user's own
+
+
+def test_torchtitan_spellings_get_the_key_to_use():
+    schema = set(schema_keys(JobConfig))
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    for key, ours in RENAMED.items():
+        assert key not in schema, f"{key} is one of our keys: the hint would shadow it"
+        for named in re.findall(r"\b([a-z_0-9]+(?:\.[a-z_0-9]+)*)=", ours):  # every key the fix names is ours
+            assert named in schema or named in groups, (key, named)
+    cases = {
+        "model.converters=[float8]": "model.converters is torchtitan's spelling. Fix: float8=<recipe>",
+        "quantize.linear.float8.recipe_name=rowwise": "Fix: float8.recipe_name=rowwise (or float8=rowwise)",
+        "metrics.enable_wandb=true": "no counterpart here (not supported yet: Aim tracks every run",
+        "fault_tolerance.enable=true": "torchtitan's [fault_tolerance] section",
+        "training.stpes=3": "training.stpes is not a key of the config. Fix: training.steps=3",
+        "+optimizer.lrr=1": "Fix: +optimizer.lr=1",
+    }
+    for arg, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            refuse_foreign_spellings([arg])
+    with pytest.raises(ConfigError, match=re.escape("--compile.enable: torchtitan's command-line flag")):
+        refuse_foreign_spellings(["-m", "--compile.enable"])
+    # what Hydra reads as it is: valid keys, groups, dict fields, its own keys, deletions, flags without a dot
+    refuse_foreign_spellings(["training.steps=3", "model=llama3_8b", "+cluster.extra_sbatch.mail-type=END",
+                              "hydra.run.dir=x", "-m", "--cfg", "job", "~metrics.aim_repo", "data.data_files=[a,b]",
+                              "-cd", "sweeps", "model.moe.top_k=2", "training.no_such_key=1"])
+
+
+def test_the_migration_page_holds_the_table():
+    page = (REPO / "docs" / "migrating_from_torchtitan.md").read_text()
+    assert migration_table() in page, "regenerate it: python -m pretrain.config.torchtitan_names"
