@@ -221,6 +221,10 @@ def test_a_flavor_label_never_lies_about_the_dims():
     model = resolve(compose(["model=llama3_8b", "model.n_layers=1"])).model
     assert flavor_label(model) == "8B modified: n_layers=1 (8B: 32)"
     assert flavor_label(resolve(compose(["model.flavor=mine"])).model) == "mine"  # a label of the user's own
+    # every key counts, also those a flavor's option leaves to the schema: a MoE flavor with a tied output is not the
+    # dense debug flavor, whose keys it matches otherwise
+    moe = resolve(compose(["model=qwen3_moe_debug", "model.tie_word_embeddings=true"])).model
+    assert flavor_label(moe) == "moe_debug modified: tie_word_embeddings=True (moe_debug: False)"
 
 
 def test_torchtitan_spellings_get_the_key_to_use():

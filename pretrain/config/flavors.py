@@ -49,10 +49,12 @@ _FIRST = ("dim", "n_layers", "n_heads", "vocab_size")  # the differences named f
 
 
 def _differences(m: ModelConfig, keys: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """key -> (this run's value, the flavor's) where they differ, the main dims first."""
+    """key -> (this run's value, the flavor's) where they differ, the main dims first. The flavor is its option's
+    keys over the schema's defaults: every key counts, also those its option leaves alone."""
     ours = _flatten(asdict(m))
-    order = sorted(keys, key=lambda k: _FIRST.index(k) if k in _FIRST else len(_FIRST))
-    return {key: (ours.get(key), keys[key]) for key in order if ours.get(key) != keys[key]}
+    theirs = {**_flatten(asdict(ModelConfig())), **keys}
+    order = sorted(theirs, key=lambda k: _FIRST.index(k) if k in _FIRST else len(_FIRST))
+    return {key: (ours.get(key), theirs[key]) for key in order if ours.get(key) != theirs[key]}
 
 
 def flavor_changes(m: ModelConfig) -> dict[str, tuple[Any, Any]]:
