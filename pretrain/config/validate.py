@@ -257,10 +257,9 @@ def check_source(d: DataConfig, key: str = "data") -> None:
         return
     if d.path == "embedded":
         if d.split not in EMBEDDED_SPLITS:
-            split_key = "validation.split" if key == "validation" else "data.split"
             raise ConfigError(
-                f"{split_key}={d.split!r}: the embedded corpus has the splits {', '.join(EMBEDDED_SPLITS)}. Fix: "
-                f"{split_key}={'validation' if key == 'validation' else 'train'}."
+                f"{key}.split={d.split!r}: the embedded corpus has the splits {', '.join(EMBEDDED_SPLITS)} (train: the "
+                "documents trained on; validation: 1 in 100, held out). Fix: one of them."
             )
         return
     root = os.path.expanduser(d.path)

@@ -10,7 +10,7 @@ and a checkpoint saved with one layout resumes exactly with another.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,23 +21,14 @@ from pretrain.data.windows import EndOfData, GlobalWindowLoader, MicroBatches
 from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
-    from pretrain.data.tokenizer import Tokenizer
+    pass
 
 
-def build_loader(
-    data: DataConfig,
-    tokenizer: Tokenizer,
-    seq_len: int,
-    local_batch_size: int,
-    global_batch_size: int,
-    dp_rank: int = 0,
-    dp_degree: int = 1,
-    one_pass: bool = False,
-) -> TokenWindowLoader | TokenStoreLoader:
+def build_loader(data: DataConfig, *args: Any, **kwargs: Any) -> TokenWindowLoader | TokenStoreLoader:
     """The loader of `data`: a token store (data.format=tokenized) read by index, or text tokenized as it streams.
-    one_pass: hand out each full step of the data once, then raise EndOfData (validation), instead of epochs."""
+    The arguments are GlobalWindowLoader's (windows.py)."""
     loader = TokenStoreLoader if data.format == "tokenized" else TokenWindowLoader
-    return loader(data, tokenizer, seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, one_pass=one_pass)
+    return loader(data, *args, **kwargs)
 
 
 class TokenWindowLoader(GlobalWindowLoader):
@@ -51,23 +42,9 @@ class TokenWindowLoader(GlobalWindowLoader):
     When the dataset runs out it starts again (epoch += 1; datasets reorders multi-file sources by epoch).
     """
 
-    def __init__(
-        self,
-        data: DataConfig,
-        tokenizer: Tokenizer,
-        seq_len: int,
-        local_batch_size: int,
-        global_batch_size: int,
-        dp_rank: int = 0,
-        dp_degree: int = 1,
-        pin_memory: bool | None = None,
-        one_pass: bool = False,
-    ):
-        super().__init__(
-            seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, data.prefetch_steps, pin_memory, one_pass
-        )
-        self._data = data
-        self._tokenizer = tokenizer
+    def __init__(self, *args: Any, **kwargs: Any):  # GlobalWindowLoader's arguments
+        super().__init__(*args, **kwargs)
+        data, tokenizer = self.data, self.tokenizer
         self._bos = [tokenizer.bos_id] if data.bos else []
         self._eos = [tokenizer.eos_id] if data.eos else []
         self._dataset = open_text_stream(data)
@@ -113,24 +90,24 @@ class TokenWindowLoader(GlobalWindowLoader):
         return taken
 
     def _next_document_tokens(self) -> list[int]:
-        field = self._data.text_field
+        field = self.data.text_field
         for _ in range(3):  # the rest of a resumed epoch may be empty; a whole empty epoch means no data
             if self._documents is None:
                 resumed = self._dataset_state_at_start is not None
                 if resumed:
                     self._dataset.load_state_dict(self._dataset_state_at_start)
                 # bad input (unreadable file, text that is not a string, no such column) raises ConfigError
-                self._documents = iter_texts(self._dataset, self._data, from_start=not resumed)
+                self._documents = iter_texts(self._dataset, self.data, from_start=not resumed)
             for text in self._documents:
                 if text:  # empty or missing documents are skipped, not packed as a lone [BOS, EOS]
-                    return self._bos + self._tokenizer.encode(text) + self._eos
+                    return self._bos + self.tokenizer.encode(text) + self._eos
             if self.one_pass:
                 raise EndOfData
             self._epoch += 1
             self._dataset.set_epoch(self._epoch)  # datasets ignores a starting state saved in another epoch
             self._documents, self._dataset_state_at_start = None, None
         raise ConfigError(
-            f"data.path={self._data.path!r} has no document with text in data.text_field={field!r}. "
+            f"data.path={self.data.path!r} has no document with text in data.text_field={field!r}. "
             "Fix: set data.text_field to the column that holds the text."
         )
 
@@ -156,13 +133,13 @@ class TokenWindowLoader(GlobalWindowLoader):
         if "dataset" not in state or "buffer" not in state:
             raise ConfigError(
                 f"The checkpoint's data position is not a text stream's (keys {sorted(state)}): it was saved by a run "
-                f"reading a token store, and this run streams data.path={self._data.path!r}. Fix: resume with the "
+                f"reading a token store, and this run streams data.path={self.data.path!r}. Fix: resume with the "
                 "data options it was saved with, or add dataloader to checkpoint.exclude_from_loading to start the "
                 "data anew."
             )
         self._stop_prefetch()
         if self._documents is not None:  # an iteration is under way: start from a fresh stream
-            self._dataset = open_text_stream(self._data)
+            self._dataset = open_text_stream(self.data)
         self._epoch = state["epoch"]
         self._windows = state["windows_consumed"]
         self._buffer = list(state["buffer"])

@@ -13,13 +13,13 @@ The state is the position p alone, with what it depends on (windows per epoch, s
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
-from pretrain.config import DataConfig
 from pretrain.data.shuffle import WindowOrder
 from pretrain.data.token_store import TokenStore, check_store_tokenizer
-from pretrain.data.tokenizer import Tokenizer
 from pretrain.data.windows import EndOfData, GlobalWindowLoader, MicroBatches
 from pretrain.errors import ConfigError
 
@@ -27,26 +27,14 @@ KIND = "token_store"  # the "loader" entry of the state: a text stream's state h
 
 
 class TokenStoreLoader(GlobalWindowLoader):
-    def __init__(
-        self,
-        data: DataConfig,
-        tokenizer: Tokenizer,
-        seq_len: int,
-        local_batch_size: int,
-        global_batch_size: int,
-        dp_rank: int = 0,
-        dp_degree: int = 1,
-        pin_memory: bool | None = None,
-        one_pass: bool = False,
-    ):
-        super().__init__(
-            seq_len, local_batch_size, global_batch_size, dp_rank, dp_degree, data.prefetch_steps, pin_memory, one_pass
-        )
+    def __init__(self, *args: Any, **kwargs: Any):  # GlobalWindowLoader's arguments
+        super().__init__(*args, **kwargs)
+        data, tokenizer, seq_len, global_batch_size = self.data, self.tokenizer, self.seq_len, self.global_batch_size
         self.store = TokenStore(data.path)
         check_store_tokenizer(self.store.path, self.store.manifest, tokenizer, data)
         window = seq_len + 1
         self.windows_per_epoch = self.store.tokens // window
-        if self.windows_per_epoch < global_batch_size and not one_pass:  # one pass: EndOfData at the first step
+        if self.windows_per_epoch < global_batch_size and not self.one_pass:  # one pass: EndOfData at the first step
             raise ConfigError(
                 f"Token store {self.store.path} holds {self.store.tokens:,} tokens = {self.windows_per_epoch} "
                 f"windows of training.seq_len + 1 = {window} tokens, fewer than one global batch of "

@@ -13,11 +13,16 @@ the position of what the trainer consumed, not of what was prepared.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from pretrain.config import DataConfig
 from pretrain.data.prefetch import Prefetcher
+
+if TYPE_CHECKING:
+    from pretrain.data.tokenizer import Tokenizer
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -28,15 +33,21 @@ class EndOfData(Exception):
 
 
 class GlobalWindowLoader(ABC):
+    """The loaders (dataset.py: TokenWindowLoader, store_loader.py: TokenStoreLoader) take these arguments:
+    data and tokenizer: what to read and how; this rank's share of a step of global_batch_size windows of
+    seq_len + 1 tokens; pin_memory: None = when CUDA is available; one_pass: hand out each full step of the data
+    once, then raise EndOfData (validation), instead of starting again."""
+
     def __init__(
         self,
+        data: DataConfig,
+        tokenizer: Tokenizer,
         seq_len: int,
         local_batch_size: int,
         global_batch_size: int,
-        dp_rank: int,
-        dp_degree: int,
-        prefetch_steps: int,
-        pin_memory: bool | None,
+        dp_rank: int = 0,
+        dp_degree: int = 1,
+        pin_memory: bool | None = None,
         one_pass: bool = False,
     ):
         micro_step_windows = local_batch_size * dp_degree
@@ -47,13 +58,14 @@ class GlobalWindowLoader(ABC):
             )
         if not 0 <= dp_rank < dp_degree:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_degree={dp_degree}).")
+        self.data, self.tokenizer = data, tokenizer
         self.seq_len = seq_len
         self.local_batch_size = local_batch_size
         self.global_batch_size = global_batch_size
         self.dp_rank = dp_rank
         self.dp_degree = dp_degree
         self.accumulation_steps = global_batch_size // micro_step_windows
-        self.prefetch_steps = prefetch_steps
+        self.prefetch_steps = data.prefetch_steps
         self.one_pass = one_pass  # next_step raises EndOfData at the end of the data instead of starting it again
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._prefetcher: Prefetcher | None = None  # started by the first next_step, after any load_state_dict
