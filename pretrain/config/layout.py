@@ -43,9 +43,23 @@ def check_layout(job: JobConfig, dims: Degrees) -> None:
             f"parallelism.context_parallel_method={p.context_parallel_method!r} is not one of {', '.join(methods)}. "
             "Fix: use allgather or ring."
         )
+    if dims.cp_enabled:
+        check_context_parallel_masks(job, dims)
     if dims.pp_enabled or p.pipeline_parallel_schedule != "1F1B":
         check_pipeline(job, dims)
 
+
+def check_context_parallel_masks(job: JobConfig, dims: Degrees) -> None:
+    """CP's kernels (all-gathered K/V with a lower-right causal mask, or the ring's causal blocks) compute plain
+    causal attention over the whole sequence: a chunked or sliding window, or attention sinks, would be dropped."""
+    m = job.model
+    if m.attention_window != "none":
+        raise ConfigError(
+            f"parallelism.context_parallel_degree={dims.cp} with model.attention_window={m.attention_window} "
+            f"({m.name}/{m.flavor}): context parallelism computes plain causal attention over the gathered sequence, "
+            "so the window would be ignored. Fix: parallelism.context_parallel_degree=1 (split the batch with "
+            "data_parallel_shard_degree, or the heads with tensor_parallel_degree, instead)."
+        )
 
 
 def check_experts(job: JobConfig, dims: Degrees) -> None:

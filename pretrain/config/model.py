@@ -16,6 +16,7 @@ from typing import Any, Optional
 from pretrain.errors import ConfigError, check_choice, check_positive
 
 FAMILIES_PACKAGE = "pretrain.models"  # a family "x" is the package pretrain.models.x, whose SPEC describes it
+WINDOW_KINDS = ("causal", "chunked", "sliding")  # which earlier keys a layer's queries see (models/common/masks.py)
 
 
 @dataclass
@@ -25,6 +26,8 @@ class MoEConfig:
     top_k: int = 1  # routed experts each token is sent to
     hidden_dim: int = 0  # each expert's SwiGLU hidden size (HF moe_intermediate_size)
     n_dense_layers: int = 0  # the first layers keep a dense SwiGLU (DeepSeek-V3: first_k_dense_replace)
+    # every Nth layer (N-1, 2N-1, ...) is MoE, the others dense (Llama 4 Maverick: 2, HF interleave_moe_layer_step)
+    interleave_step: int = 1
     score_func: str = "softmax"  # softmax | sigmoid: how router logits become scores
     route_norm: bool = False  # renormalise a token's top-k weights to sum to 1 (HF norm_topk_prob)
     route_scale: float = 1.0  # multiplies the routing weights (DeepSeek-V3 671B: 2.5)
@@ -34,6 +37,8 @@ class MoEConfig:
     bias_update_speed: float = 0.0
     # weight of the Switch/Qwen3 balance loss (HF router_aux_loss_coef; Qwen3: 0.001), averaged over MoE layers; 0 = off
     aux_loss_coeff: float = 0.0
+    # scale each token by its routing weight before the experts instead of their outputs after (Llama 4)
+    score_before_experts: bool = False
 
 
 @dataclass
@@ -71,6 +76,12 @@ class ModelConfig:
     rope_yarn_beta_fast: float = 32.0  # yarn: rotations above which a frequency is kept as it is
     rope_yarn_beta_slow: float = 1.0  # yarn: rotations below which a frequency is fully interpolated
     rope_yarn_mscale: float = 1.0  # yarn: attention temperature coefficient (DeepSeek 16B: 0.707)
+    # none | chunked (Llama 4: a query sees its own chunk) | sliding (GPT-OSS: the last attention_window_size keys)
+    attention_window: str = "none"
+    attention_window_size: int = 0  # tokens in a chunk or a sliding window (Llama 4: 8192, GPT-OSS: 128)
+    # with a window: every Nth layer (N-1, 2N-1, ...) attends to its whole causal context (Llama 4: 4,
+    # GPT-OSS: 2); 0 = every layer windowed
+    global_attention_every: int = 0
     tie_word_embeddings: bool = False  # share the output projection with the token embedding
     hf_assets_path: str = ""  # directory with an HF tokenizer.json (or tokenizer.model); "" = none
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts feed-forward (n_routed_experts > 0)
@@ -92,9 +103,21 @@ def ffn_hidden_dim(m: ModelConfig) -> int:
     return m.multiple_of * ((hidden + m.multiple_of - 1) // m.multiple_of)
 
 
+def layer_window(m: ModelConfig, layer_id: int) -> tuple[str, int]:
+    """(kind, size) of block `layer_id`'s attention mask: ("causal", 0) for a model without windows and for
+    its global layers, else (model.attention_window, model.attention_window_size)."""
+    if m.attention_window == "none":
+        return "causal", 0
+    every = m.global_attention_every
+    if every and (layer_id + 1) % every == 0:
+        return "causal", 0
+    return m.attention_window, m.attention_window_size
+
+
 def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
     """Whether block `layer_id` has a MoE feed-forward."""
-    return m.moe.n_routed_experts > 0 and layer_id >= m.moe.n_dense_layers
+    e = m.moe
+    return e.n_routed_experts > 0 and layer_id >= e.n_dense_layers and (layer_id + 1) % e.interleave_step == 0
 
 
 def validate_model(m: ModelConfig) -> None:
@@ -142,6 +165,7 @@ def validate_model(m: ModelConfig) -> None:
     if head_dim(m) % 2:
         raise ConfigError(f"head width {head_dim(m)} (model.head_dim or dim / n_heads) is odd; RoPE rotates pairs. "
                           "Fix: make it even.")
+    _validate_window(m)
     _validate_moe(m)
     _validate_mla(m)
     _validate_family(m)
@@ -202,6 +226,8 @@ def requested_features(m: ModelConfig) -> dict[str, str]:
         wanted["qk_norm"] = "model.qk_norm=true"
     if m.moe.n_routed_experts:
         wanted["moe"] = f"model.moe.n_routed_experts={m.moe.n_routed_experts}"
+    if m.attention_window != "none":
+        wanted[f"{m.attention_window}_attention"] = f"model.attention_window={m.attention_window}"
     if m.mla.kv_lora_rank:
         wanted["mla"] = f"model.mla.kv_lora_rank={m.mla.kv_lora_rank}"
     return wanted
@@ -224,19 +250,26 @@ def _validate_family(m: ModelConfig) -> None:
             )
 
 
+def _validate_window(m: ModelConfig) -> None:
+    check_choice("model.attention_window", m.attention_window, ("none",) + WINDOW_KINDS[1:])
+    check_positive("model.global_attention_every", m.global_attention_every, allow_zero=True)
+    if m.attention_window != "none":
+        check_positive("model.attention_window_size", m.attention_window_size)
+
+
 def _validate_moe(m: ModelConfig) -> None:
     e = m.moe
     for key in ("n_routed_experts", "n_shared_experts", "n_dense_layers", "bias_update_speed", "aux_loss_coeff"):
         check_positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
     if not e.n_routed_experts:
         return
-    for key in ("top_k", "hidden_dim", "route_scale", "n_expert_groups", "n_limited_groups"):
+    for key in ("top_k", "hidden_dim", "route_scale", "n_expert_groups", "n_limited_groups", "interleave_step"):
         check_positive(f"model.moe.{key}", getattr(e, key))
     check_choice("model.moe.score_func", e.score_func, ("softmax", "sigmoid"))
-    if e.n_dense_layers >= m.n_layers:
+    if not any(is_moe_layer(m, i) for i in range(m.n_layers)):
         raise ConfigError(
-            f"model.moe.n_dense_layers={e.n_dense_layers} leaves no MoE layer of model.n_layers={m.n_layers}. "
-            "Fix: lower n_dense_layers, or model.moe.n_routed_experts=0 for a dense model."
+            f"model.moe.n_dense_layers={e.n_dense_layers} and interleave_step={e.interleave_step} leave no MoE "
+            f"layer of model.n_layers={m.n_layers}. Fix: lower them, or model.moe.n_routed_experts=0 for a dense model."
         )
     if e.n_routed_experts % e.n_expert_groups:
         raise ConfigError(

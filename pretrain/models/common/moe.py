@@ -40,6 +40,7 @@ class MoEArgs:
     n_limited_groups: int = 1  # groups a token may use
     bias_update_speed: float = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
     aux_loss_coeff: float = 0.0  # auxiliary balance loss weight; 0 = off
+    score_before_experts: bool = False  # weight each token's input to an expert, not the expert's output (Llama 4)
 
     @classmethod
     def from_config(cls, cfg) -> MoEArgs:
@@ -50,6 +51,7 @@ class MoEArgs:
             n_shared_experts=e.n_shared_experts, score_func=e.score_func, route_norm=e.route_norm,
             route_scale=e.route_scale, n_expert_groups=e.n_expert_groups, n_limited_groups=e.n_limited_groups,
             bias_update_speed=e.bias_update_speed, aux_loss_coeff=e.aux_loss_coeff,
+            score_before_experts=e.score_before_experts,
         )
 
 
@@ -192,8 +194,12 @@ class MoE(nn.Module):
             with torch.no_grad():
                 self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
         token_of_slot = order // self.args.top_k  # (N k,) the token each sorted slot belongs to
-        routed = self.experts(flat[token_of_slot], counts)  # (N k, D)
-        routed = routed * weights.flatten()[order].unsqueeze(-1).to(routed.dtype)
+        slot_weights = weights.flatten()[order].unsqueeze(-1)  # (N k, 1)
+        if self.args.score_before_experts:
+            routed = self.experts(flat[token_of_slot] * slot_weights.to(flat.dtype), counts)  # (N k, D)
+        else:
+            routed = self.experts(flat[token_of_slot], counts)
+            routed = routed * slot_weights.to(routed.dtype)
         out = torch.zeros_like(flat).index_add_(0, token_of_slot, routed)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat, counts.new_full((1,), flat.shape[0]))
