@@ -79,6 +79,10 @@ class Transformer(nn.Module):
     Other families reuse this skeleton and override `build_block` (their attention) and `build_freqs_cis`
     (their RoPE table)."""
 
+    # buffers indexed by token position along dim 0 (T, ...): code that runs the model on some positions only
+    # (context parallelism, decoding with a KV cache) narrows each of them to those positions
+    position_buffers: tuple[str, ...] = ("freqs_cis",)
+
     def __init__(self, cfg: ModelConfig, max_seq_len: int):
         super().__init__()
         self.cfg = cfg

@@ -84,13 +84,17 @@ def masked_attention(
 
 
 class WindowedAttention:
-    """An `attention_op` (q, k, v) -> out for one layer's window, for attention modules that take one."""
+    """An `attention_op` for one layer's window: (q, k, v, sinks=None) -> out. An attention module keeps its
+    kernel in `attention_op` and calls it with its sink logits, if it has any, as `sinks=`; code that swaps the
+    kernel (decoding with a KV cache) reads `kind` and `size` from the op it replaces."""
 
-    def __init__(self, kind: str, size: int):
+    def __init__(self, kind: str = "causal", size: int = 0):
         self.kind, self.size = kind, size
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return masked_attention(q, k, v, self.kind, self.size)
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return masked_attention(q, k, v, self.kind, self.size, sinks=sinks)
 
     def __repr__(self) -> str:
         return f"WindowedAttention({self.kind}, {self.size})"
