@@ -1,5 +1,5 @@
-"""RoPE: the rotation table (with Llama 3.1's frequency scaling when enabled) and its application to q and k.
-Shapes: T sequence, E head_dim; q (B, T, H, E), k (B, T, K, E)."""
+"""RoPE: the rotation table (with Llama 3.1's frequency scaling when enabled, or YaRN's) and its application
+to q and k. Shapes: T sequence, E head_dim; q (B, T, H, E), k (B, T, K, E)."""
 
 from __future__ import annotations
 
@@ -39,3 +39,52 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xq_out = torch.view_as_real(xq_c * rot).flatten(3)
     xk_out = torch.view_as_real(xk_c * rot).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+# ----------------------------------------------------------------------------- YaRN (DeepSeek-V3, GPT-OSS)
+def uses_yarn(cfg: ModelConfig) -> bool:
+    return cfg.rope_scaling and cfg.rope_scaling_type == "yarn"
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature: 0.1 x mscale x ln(factor) + 1 (1 when the context is not extended)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_ramp(cfg: ModelConfig, dim: int, truncate: bool, device: torch.device | None) -> torch.Tensor:
+    """(dim/2,) in [0, 1]: 0 for the fast pairs kept as they are (more than beta_fast rotations over the
+    original context), 1 for the slow ones fully interpolated (fewer than beta_slow), linear between. The
+    ramp's ends are rounded out to whole pairs when `truncate` (DeepSeek-V3, transformers' default), kept
+    fractional otherwise (GPT-OSS: HF rope_parameters truncate=false)."""
+
+    def pair(turns: float) -> float:  # the pair index that turns `turns` times over the original context
+        return dim * math.log(cfg.rope_original_max_seq_len / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+    low, high = pair(cfg.rope_yarn_beta_fast), pair(cfg.rope_yarn_beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no empty ramp
+    return ((torch.arange(dim // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+
+
+def yarn_frequencies(
+    cfg: ModelConfig, dim: int, truncate: bool = True, device: torch.device | None = None
+) -> torch.Tensor:
+    """(dim/2,) rotation frequencies of `dim` rotated dimensions; with YaRN (model.rope_scaling=true,
+    rope_scaling_type=yarn) the slow ones are divided by rope_scaling_factor and a band between blended
+    (the numbers of transformers' "yarn" rope type)."""
+    wavelengths = cfg.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    freqs = 1.0 / wavelengths
+    if uses_yarn(cfg):
+        ramp = _yarn_ramp(cfg, dim, truncate, device)
+        freqs = (1.0 / (cfg.rope_scaling_factor * wavelengths)) * ramp + freqs * (1 - ramp)
+    return freqs
+
+
+def rotations(freqs: torch.Tensor, seq_len: int, magnitude: float = 1.0) -> torch.Tensor:
+    """Complex rotations (T, E/2) of positions 0..T-1 by `freqs`; `magnitude` scales them (and so q and k),
+    as transformers scales cos and sin by YaRN's attention factor."""
+    angles = torch.outer(torch.arange(seq_len, device=freqs.device, dtype=torch.float32), freqs)
+    return torch.polar(torch.full_like(angles, magnitude), angles)

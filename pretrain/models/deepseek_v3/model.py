@@ -26,8 +26,6 @@ No distributed code here: parallelize.py beside this file says how to shard it.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -36,52 +34,22 @@ from pretrain.models.common.attention import causal_attention
 from pretrain.models.common.decoder import Transformer as Decoder
 from pretrain.models.common.decoder import TransformerBlock
 from pretrain.models.common.flops import decoder_flops
-from pretrain.models.common.rope import apply_rotary_emb
+from pretrain.models.common.rope import apply_rotary_emb, rotations, uses_yarn, yarn_frequencies, yarn_mscale
 
 # q_norm and kv_norm use DeepSeek's fixed epsilon (its reference code and transformers do), not model.norm_eps
 LATENT_NORM_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------- RoPE with YaRN
-def uses_yarn(cfg: ModelConfig) -> bool:
-    return cfg.rope_scaling and cfg.rope_scaling_type == "yarn"
-
-
-def yarn_mscale(factor: float, mscale: float) -> float:
-    """YaRN's attention temperature: 0.1 x mscale x ln(factor) + 1 (1 when the context is not extended)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def softmax_scale_factor(cfg: ModelConfig) -> float:
     """What multiplies the usual 1/sqrt(N + R) softmax scale: mscale^2 under YaRN, else 1."""
     return yarn_mscale(cfg.rope_scaling_factor, cfg.rope_yarn_mscale) ** 2 if uses_yarn(cfg) else 1.0
 
 
-def _yarn_ramp(cfg: ModelConfig, R: int, device: torch.device | None) -> torch.Tensor:
-    """(R/2,) in [0, 1]: 0 for the fast dimensions kept as they are (more than beta_fast rotations over
-    the original context), 1 for the slow ones fully interpolated (fewer than beta_slow), linear between."""
-
-    def dimension(rotations: float) -> float:  # the pair index that turns `rotations` times over the context
-        return R * math.log(cfg.rope_original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
-
-    low = max(math.floor(dimension(cfg.rope_yarn_beta_fast)), 0)
-    high = min(math.ceil(dimension(cfg.rope_yarn_beta_slow)), R - 1)
-    if low == high:
-        high += 0.001  # no empty ramp
-    return ((torch.arange(R // 2, device=device, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-
-
 def precompute_freqs_cis(cfg: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
     """Complex rotations (T, R/2) for the rope part of q and k; with YaRN, the slow frequencies are divided
-    by rope_scaling_factor and a band between blended (the same numbers as transformers' "yarn" type)."""
-    R = cfg.mla.qk_rope_head_dim
-    wavelengths = cfg.rope_theta ** (torch.arange(0, R, 2, device=device, dtype=torch.float32) / R)
-    freqs = 1.0 / wavelengths
-    if uses_yarn(cfg):
-        ramp = _yarn_ramp(cfg, R, device)
-        freqs = (1.0 / (cfg.rope_scaling_factor * wavelengths)) * ramp + freqs * (1 - ramp)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
+    by rope_scaling_factor and a band between blended (transformers' "yarn" type, its ramp ends truncated)."""
+    return rotations(yarn_frequencies(cfg, cfg.mla.qk_rope_head_dim, truncate=True, device=device), seq_len)
 
 
 # ----------------------------------------------------------------------------- attention
