@@ -23,6 +23,7 @@ RENAMED: dict[str, str] = {
     "job.config_file": "not read: a torchtitan TOML's options go on the command line as overrides, or into a "
                        "recipe in conf/experiment/ (experiment=<name>)",
     "job.print_args": "python launch.py --cfg job (prints the composed config)",
+    "training.batch_size": "training.local_batch_size={value}",
     "training.dataset": "data=<preset> (c4: data=c4; c4_test: data=embedded), or data.path={value}",
     "training.dataset_path": "data.path={value}",
     "training.tokenizer_path": "data.tokenizer_path={value}, or model.hf_assets_path=<dir with tokenizer.json>",
@@ -57,6 +58,7 @@ RENAMED: dict[str, str] = {
     "metrics.disable_color_printing": "not needed: the console lines carry no color",
     "metrics.save_for_all_ranks": "not supported: rank 0 logs the metrics, reduced over the ranks",
     "comm.trace_buf_size": "not supported",
+    "validation.enabled": "validation.enable={value}",
     "validation.dataset": "validation.path={value} (with validation.split), or the held-out split of data's source",
     "validation.dataset_path": "validation.path={value}",
     "experimental.custom_import": "model.name=<module>: a family of your own is the dotted name of a module that "
