@@ -65,7 +65,9 @@ class ModelConfig:
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (8B: 1.3); null = 1
     norm_eps: float = 1e-5  # RMSNorm epsilon
-    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    qk_norm: bool = False  # normalise each head of q and k (the kind: qk_norm_type)
+    # rms: an RMSNorm with a weight, before RoPE (Qwen3) | l2: no weight, after RoPE, on RoPE layers only (Llama 4)
+    qk_norm_type: str = "rms"
     rope_theta: float = 500000.0  # RoPE base frequency
     rope_scaling: bool = True  # scale the RoPE frequencies for long context (the kind: rope_scaling_type)
     rope_scaling_type: str = "llama3"  # llama3 (Llama 3.1's bands) | yarn (DeepSeek-V3)
@@ -90,6 +92,12 @@ class ModelConfig:
 
 def head_dim(m: ModelConfig) -> int:
     """E: explicit, or dim / n_heads."""
+    # every Nth layer (N-1, 2N-1, ...) has no RoPE (Llama 4: 4, HF no_rope_layer_interval); 0 = RoPE in every layer
+    nope_layer_interval: int = 0
+    # NoPE layers scale the query at position p by 1 + attn_scale x ln(1 + floor((p + 1) / attn_floor_scale)) (Llama 4)
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: int = 8192  # temperature tuning: tokens per step of the scale (Llama 4: 8192, HF floor_scale)
+    attn_scale: float = 0.1  # temperature tuning: the scale's strength (Llama 4: 0.1, HF attn_scale)
     return m.head_dim or m.dim // m.n_heads
 
 
@@ -122,6 +130,12 @@ def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
 
 def validate_model(m: ModelConfig) -> None:
     """Rules of the model section; raises ConfigError naming the key and the fix."""
+def is_nope_layer(m: ModelConfig, layer_id: int) -> bool:
+    """Whether block `layer_id` attends without RoPE (every model.nope_layer_interval-th layer)."""
+    every = m.nope_layer_interval
+    return bool(every) and (layer_id + 1) % every == 0
+
+
     for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta"):
         check_positive(f"model.{key}", getattr(m, key))
     for key in ("ffn_dim_multiplier", "head_dim", "ffn_hidden_dim"):
@@ -133,9 +147,10 @@ def validate_model(m: ModelConfig) -> None:
             check_positive(f"model.{key}", getattr(m, key))
         if m.rope_scaling_type == "llama3":
             check_positive("model.rope_low_freq_factor", m.rope_low_freq_factor)
-            if not m.rope_high_freq_factor > m.rope_low_freq_factor:
+            # equal factors (Llama 4 Scout: 1 and 1) leave no band between: each frequency is kept or divided
+            if not m.rope_high_freq_factor >= m.rope_low_freq_factor:
                 raise ConfigError(
-                    f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be greater than "
+                    f"model.rope_high_freq_factor={m.rope_high_freq_factor} must be at least "
                     f"model.rope_low_freq_factor={m.rope_low_freq_factor}. Fix: e.g. 4.0 and 1.0 (Llama 3.1)."
                 )
         else:
@@ -174,6 +189,7 @@ def validate_model(m: ModelConfig) -> None:
 def family_names() -> list[str]:
     """The model families this installation has (the packages of pretrain/models/ but `common`)."""
     package = importlib.import_module(FAMILIES_PACKAGE)
+    _validate_positions(m)
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.ispkg and m.name != "common")
 
 
@@ -223,7 +239,12 @@ def requested_features(m: ModelConfig) -> dict[str, str]:
     if m.rope_scaling:
         wanted[f"rope_{m.rope_scaling_type}"] = f"model.rope_scaling_type={m.rope_scaling_type}"
     if m.qk_norm:
-        wanted["qk_norm"] = "model.qk_norm=true"
+        l2 = m.qk_norm_type == "l2"
+        wanted["qk_l2_norm" if l2 else "qk_norm"] = "model.qk_norm_type=l2" if l2 else "model.qk_norm=true"
+    if m.nope_layer_interval:
+        wanted["nope_layers"] = f"model.nope_layer_interval={m.nope_layer_interval}"
+    if m.attn_temperature_tuning:
+        wanted["attn_temperature_tuning"] = "model.attn_temperature_tuning=true"
     if m.moe.n_routed_experts:
         wanted["moe"] = f"model.moe.n_routed_experts={m.moe.n_routed_experts}"
     if m.attention_window != "none":
@@ -265,6 +286,21 @@ def _validate_moe(m: ModelConfig) -> None:
         return
     for key in ("top_k", "hidden_dim", "route_scale", "n_expert_groups", "n_limited_groups", "interleave_step"):
         check_positive(f"model.moe.{key}", getattr(e, key))
+def _validate_positions(m: ModelConfig) -> None:
+    """Llama 4's NoPE layers, their query temperature, and the kind of q/k norm."""
+    check_choice("model.qk_norm_type", m.qk_norm_type, ("rms", "l2"))
+    check_positive("model.nope_layer_interval", m.nope_layer_interval, allow_zero=True)
+    if not m.attn_temperature_tuning:
+        return
+    check_positive("model.attn_floor_scale", m.attn_floor_scale)
+    check_positive("model.attn_scale", m.attn_scale, allow_zero=True)
+    if not m.nope_layer_interval:
+        raise ConfigError(
+            "model.attn_temperature_tuning=true scales the queries of the NoPE layers, and model.nope_layer_interval=0 "
+            "leaves none. Fix: set model.nope_layer_interval (Llama 4: 4), or attn_temperature_tuning=false."
+        )
+
+
     check_choice("model.moe.score_func", e.score_func, ("softmax", "sigmoid"))
     if not any(is_moe_layer(m, i) for i in range(m.n_layers)):
         raise ConfigError(

@@ -19,13 +19,14 @@ def precompute_freqs_cis(cfg: ModelConfig, seq_len: int, device: torch.device | 
         high_wavelen = cfg.rope_original_max_seq_len / cfg.rope_high_freq_factor
         wavelen = 2 * math.pi / freqs
         # long wavelengths are slowed by the factor, short ones kept, the band between interpolated
-        smooth = (cfg.rope_original_max_seq_len / wavelen - cfg.rope_low_freq_factor) / (
-            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
-        )
-        blended = (1 - smooth) * freqs / cfg.rope_scaling_factor + smooth * freqs
-        freqs = torch.where(wavelen > low_wavelen, freqs / cfg.rope_scaling_factor, freqs)
-        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        freqs = torch.where(is_mid, blended, freqs)
+        band = cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        scaled = torch.where(wavelen > low_wavelen, freqs / cfg.rope_scaling_factor, freqs)
+        if band > 0:  # equal factors (Llama 4 Scout) leave no band: each frequency is kept or divided, as in HF
+            smooth = (cfg.rope_original_max_seq_len / wavelen - cfg.rope_low_freq_factor) / band
+            blended = (1 - smooth) * freqs / cfg.rope_scaling_factor + smooth * freqs
+            is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+            scaled = torch.where(is_mid, blended, scaled)
+        freqs = scaled
     t = torch.arange(seq_len, device=device, dtype=torch.float32)
     angles = torch.outer(t, freqs)
     return torch.polar(torch.ones_like(angles), angles)
