@@ -17,6 +17,7 @@ from pretrain.errors import ConfigError, check_choice, check_positive
 
 FAMILIES_PACKAGE = "pretrain.models"  # a family "x" is the package pretrain.models.x, whose SPEC describes it
 WINDOW_KINDS = ("causal", "chunked", "sliding")  # which earlier keys a layer's queries see (models/common/masks.py)
+EXPERT_ACTIVATIONS = ("swiglu", "clamped_swiglu")  # model.moe.activation (models/common/moe.py)
 
 
 @dataclass
@@ -39,6 +40,13 @@ class MoEConfig:
     aux_loss_coeff: float = 0.0
     # scale each token by its routing weight before the experts instead of their outputs after (Llama 4)
     score_before_experts: bool = False
+    router_bias: bool = False  # a learned bias on the router logits (GPT-OSS: HF mlp.router.bias)
+    expert_proj_bias: bool = False  # biases on each expert's projections (GPT-OSS: gate_up_proj_bias, down_proj_bias)
+    # swiglu: silu(w1 x) * w3 x | clamped_swiglu (GPT-OSS): g = min(w1 x, limit), u = clamp(w3 x, -limit, limit),
+    # g * sigmoid(alpha g) * (u + 1)
+    activation: str = "swiglu"
+    swiglu_alpha: float = 1.702  # clamped_swiglu: the sigmoid's gain (GPT-OSS: 1.702)
+    swiglu_limit: float = 7.0  # clamped_swiglu: the clamp on the gate (above) and the up projection (GPT-OSS: 7.0)
 
 
 @dataclass
@@ -302,6 +310,10 @@ def _validate_positions(m: ModelConfig) -> None:
 
 
     check_choice("model.moe.score_func", e.score_func, ("softmax", "sigmoid"))
+    check_choice("model.moe.activation", e.activation, EXPERT_ACTIVATIONS)
+    if e.activation == "clamped_swiglu":
+        for key in ("swiglu_alpha", "swiglu_limit"):
+            check_positive(f"model.moe.{key}", getattr(e, key))
     if not any(is_moe_layer(m, i) for i in range(m.n_layers)):
         raise ConfigError(
             f"model.moe.n_dense_layers={e.n_dense_layers} and interleave_step={e.interleave_step} leave no MoE "

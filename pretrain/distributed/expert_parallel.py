@@ -7,11 +7,14 @@ Tensor parallel (the experts' hidden units split over tp, as torchtitan's expert
   The all-reduce sits right after the experts so that everything the routing weights touch is
   replicated: the router's gradient is then the same on every tp rank, as its Replicate weight says.
   In backward the experts' input gradient is a partial sum too: it is all-reduced on the way in.
+  Expert biases (GPT-OSS): b1, b3 split with their hidden units; the output bias b2 is replicated over tp and
+  added after the all-reduce, once (added on every rank before it, it would count tp times).
 
 Expert parallel (experts split over the ep mesh, E / ep per rank; tokens travel to their experts):
     tokens sorted by global expert, counts (E,) --all-to-all of counts--> what each rank will receive
     --all-to-all of tokens (autograd)--> rows grouped (source rank, local expert) --regroup--> sorted by
     local expert --> local experts --> inverse regroup --all-to-all back--> the rank's own slots
+  Every stacked expert tensor, biases included, is split on dim 0: a bias travels with its expert.
   Both compose: with EP and TP the tokens are exchanged within each tp rank's ep group.
 
 FSDP then shards the experts over the FSDP ranks that hold the same experts (dp_mod_ep), with the
@@ -38,8 +41,9 @@ if TYPE_CHECKING:
     from pretrain.config import JobConfig
     from pretrain.distributed.parallel_dims import ParallelDims
 
-# the hidden dimension of each stacked expert weight: w1, w3 (E, H, D); w2 (E, D, H)
-_HIDDEN_DIM = {"w1": 1, "w3": 1, "w2": 2}
+# the hidden dimension of each stacked expert tensor, split over tp: w1, w3 (E, H, D); w2 (E, D, H); biases b1,
+# b3 (E, H). The output bias b2 (E, D) has none: it is replicated over tp and added once, after the sum
+_HIDDEN_DIM = {"w1": 1, "w3": 1, "w2": 2, "b1": 1, "b3": 1, "b2": None}
 
 
 def _expert_partition(ep: bool, tp: bool):
@@ -47,7 +51,9 @@ def _expert_partition(ep: bool, tp: bool):
 
     def partition(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         for param_name, param in list(module.named_parameters(recurse=False)):
-            placements = ([Shard(0)] if ep else []) + ([Shard(_HIDDEN_DIM[param_name])] if tp else [])
+            hidden = _HIDDEN_DIM[param_name]
+            on_tp = [Shard(hidden) if hidden is not None else Replicate()] if tp else []
+            placements = ([Shard(0)] if ep else []) + on_tp
             dist_param = nn.Parameter(distribute_tensor(param, mesh, placements))
             module.register_parameter(param_name, dist_param)
 
@@ -62,6 +68,7 @@ class _ExpertExchange:
         self.ep_group = ep_mesh.get_group() if ep_mesh is not None else None
         self.tp_mesh = tp_mesh
         self.plans: list[tuple] = []
+        self.local_counts: list[torch.Tensor] = []  # under tp, the rows of each local expert, for the output bias
 
     # the exchanges have data-dependent sizes and call c10d collectives: they run eagerly between the
     # compiled parts of a compiled block
@@ -74,6 +81,8 @@ class _ExpertExchange:
             x = DTensor.from_local(x, self.tp_mesh, (Replicate(),), run_check=False).to_local(
                 grad_placements=(Partial(),)
             )
+            if getattr(module, "b2", None) is not None:
+                self.local_counts.append(counts)
         return x, counts
 
     @torch.compiler.disable
@@ -84,6 +93,8 @@ class _ExpertExchange:
                 .redistribute(placements=(Replicate(),))
                 .to_local()
             )
+            if getattr(module, "b2", None) is not None:  # the output bias, once (replicated over tp)
+                out = out + module.output_bias(self.local_counts.pop(), out.shape[0])
         if self.ep_group is not None:
             out = self._return_from_experts(out)
         return out
@@ -145,6 +156,9 @@ def apply_moe_parallel(moe: nn.Module, dims: ParallelDims) -> None:
             ),
         )
         _tp_replicated(moe.router.gate, tp_mesh)
+        for experts in (moe.experts, moe.shared_experts):
+            if experts is not None:  # the hook below adds the output bias after the sum over tp, not each rank
+                experts.add_output_bias = False
         if moe.shared_experts is not None:
             exchange = _ExpertExchange(None, tp_mesh)
             distribute_module(

@@ -3,6 +3,10 @@
     x (B, T, D) -> router scores (N, E) -> top-k experts per token -> tokens sorted by expert ->
     each expert's SwiGLU on its tokens (grouped weights) -> weighted sum back per token (+ shared experts)
 
+GPT-OSS adds a bias to the router logits (`router_bias`; softmax over all E then renormalising the top k
+equals its softmax over the top-k logits), biases on the experts' projections (`expert_proj_bias`), and a
+clamped SwiGLU (`activation`, `glu` below).
+
 Routing as the families use it: softmax over all experts then top-k (Qwen3-MoE; `route_norm` renormalises
 the k weights), or sigmoid scores with top-k chosen on score + `expert_bias` and weights from the unbiased
 scores, renormalised and scaled (DeepSeek-V3's auxiliary-loss-free balancing). Group-limited routing
@@ -41,6 +45,11 @@ class MoEArgs:
     bias_update_speed: float = 0.0  # auxiliary-loss-free balancing step (DeepSeek-V3: 1e-3); 0 = off
     aux_loss_coeff: float = 0.0  # auxiliary balance loss weight; 0 = off
     score_before_experts: bool = False  # weight each token's input to an expert, not the expert's output (Llama 4)
+    router_bias: bool = False  # a learned bias on the router logits (GPT-OSS)
+    expert_proj_bias: bool = False  # biases on the experts' projections (GPT-OSS)
+    activation: str = "swiglu"  # swiglu | clamped_swiglu (GPT-OSS; `glu` below)
+    swiglu_alpha: float = 1.702  # clamped_swiglu: the sigmoid's gain
+    swiglu_limit: float = 7.0  # clamped_swiglu: the clamp on the gate and the up projection
 
     @classmethod
     def from_config(cls, cfg) -> MoEArgs:
@@ -51,7 +60,9 @@ class MoEArgs:
             n_shared_experts=e.n_shared_experts, score_func=e.score_func, route_norm=e.route_norm,
             route_scale=e.route_scale, n_expert_groups=e.n_expert_groups, n_limited_groups=e.n_limited_groups,
             bias_update_speed=e.bias_update_speed, aux_loss_coeff=e.aux_loss_coeff,
-            score_before_experts=e.score_before_experts,
+            score_before_experts=e.score_before_experts, router_bias=e.router_bias,
+            expert_proj_bias=e.expert_proj_bias, activation=e.activation, swiglu_alpha=e.swiglu_alpha,
+            swiglu_limit=e.swiglu_limit,
         )
 
 
@@ -69,45 +80,84 @@ def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     return aligned and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights: w1, w3 (E, H, D), w2 (E, D, H)."""
+def glu(gate: torch.Tensor, up: torch.Tensor, args: MoEArgs) -> torch.Tensor:
+    """The experts' gated unit on (n, H) projections: SwiGLU silu(gate) * up, or GPT-OSS's clamped variant,
+    gate clamped from above and up on both sides at `swiglu_limit`, then gate * sigmoid(alpha gate) * (up + 1)."""
+    if args.activation == "clamped_swiglu":
+        gate = gate.clamp(max=args.swiglu_limit)
+        up = up.clamp(-args.swiglu_limit, args.swiglu_limit)
+        return gate * torch.sigmoid(args.swiglu_alpha * gate) * (up + 1)
+    return F.silu(gate) * up
 
-    def __init__(self, dim: int, hidden_dim: int, n_experts: int):
+
+class GroupedExperts(nn.Module):
+    """E gated experts as stacked weights: w1, w3 (E, H, D), w2 (E, D, H); with `expert_proj_bias`, biases
+    b1, b3 (E, H) and b2 (E, D): expert e maps x to w2[e] glu(w1[e] x + b1[e], w3[e] x + b3[e]) + b2[e]."""
+
+    def __init__(self, dim: int, hidden_dim: int, n_experts: int, args: MoEArgs | None = None):
         super().__init__()
+        self.args = args or MoEArgs(dim, hidden_dim, n_experts, top_k=1)
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        if self.args.expert_proj_bias:
+            self.b1 = nn.Parameter(torch.empty(n_experts, hidden_dim))
+            self.b2 = nn.Parameter(torch.empty(n_experts, dim))
+            self.b3 = nn.Parameter(torch.empty(n_experts, hidden_dim))
+        else:
+            self.b1 = self.b2 = self.b3 = None
+        # b2 is added to each expert's output here; when tensor parallelism splits the hidden units, each rank's
+        # output is a partial sum, and the bias is added once after the sum (pretrain/distributed/expert_parallel.py
+        # turns this off and does it)
+        self.add_output_bias = True
+
+    def output_bias(self, counts: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """b2 of each row's expert: (N, D) for N rows sorted by expert, counts (E,) rows each."""
+        return _local(self.b2).repeat_interleave(counts, dim=0, output_size=n_rows)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, D) sorted by expert, counts (E,) rows each -> (N, D). Under expert or tensor parallelism
         the weights are this rank's experts (and hidden units), and x holds the tokens sent to them."""
         w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
+        b1, b3 = (_local(self.b1), _local(self.b3)) if self.b1 is not None else (None, None)
         if _use_grouped_mm(x, w1, w2, w3):
             offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-            hidden = F.silu(torch_compat.grouped_mm(x, w1.transpose(-2, -1), offsets))
-            hidden = hidden * torch_compat.grouped_mm(x, w3.transpose(-2, -1), offsets)
-            return torch_compat.grouped_mm(hidden, w2.transpose(-2, -1), offsets).type_as(x)
-        outputs = []
-        for e, chunk in enumerate(torch.split(x, counts.tolist())):
-            if chunk.shape[0] == 0:
-                continue
-            hidden = F.silu(chunk @ w1[e].T) * (chunk @ w3[e].T)  # (n_e, H)
-            outputs.append(hidden @ w2[e].T)  # (n_e, D)
-        if not outputs:  # no token for these experts (possible under expert parallelism): the input and the
-            # weights still get a (zero) gradient, so every rank's backward runs the same collectives
-            return x.new_zeros(x.shape) + 0.0 * (x.sum() + w1.sum() + w2.sum() + w3.sum())
-        return torch.cat(outputs)
+            gate = torch_compat.grouped_mm(x, w1.transpose(-2, -1), offsets)  # (N, H)
+            up = torch_compat.grouped_mm(x, w3.transpose(-2, -1), offsets)
+            if b1 is not None:
+                gate = gate + b1.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+                up = up + b3.repeat_interleave(counts, dim=0, output_size=x.shape[0])
+            out = torch_compat.grouped_mm(glu(gate, up, self.args), w2.transpose(-2, -1), offsets).type_as(x)
+        else:
+            outputs = []
+            for e, chunk in enumerate(torch.split(x, counts.tolist())):
+                if chunk.shape[0] == 0:
+                    continue
+                gate, up = chunk @ w1[e].T, chunk @ w3[e].T  # (n_e, H)
+                if b1 is not None:
+                    gate, up = gate + b1[e], up + b3[e]
+                outputs.append(glu(gate, up, self.args) @ w2[e].T)  # (n_e, D)
+            if not outputs:  # no token for these experts (possible under expert parallelism): the input and the
+                # weights still get a (zero) gradient, so every rank's backward runs the same collectives
+                return x.new_zeros(x.shape) + 0.0 * (x.sum() + sum(_local(p).sum() for p in self.parameters()))
+            out = torch.cat(outputs)
+        if self.b2 is not None and self.add_output_bias:
+            out = out + self.output_bias(counts, x.shape[0])
+        return out
 
     def init_weights(self, std: float) -> None:
         for w in (self.w1, self.w2, self.w3):
             nn.init.trunc_normal_(w, mean=0.0, std=std)
+        for b in (self.b1, self.b2, self.b3):
+            if b is not None:
+                nn.init.zeros_(b)
 
 
 class Router(nn.Module):
     def __init__(self, args: MoEArgs):
         super().__init__()
         self.args = args
-        self.gate = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.gate = nn.Linear(args.dim, args.n_experts, bias=args.router_bias)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, D) -> scores (N, E) in fp32."""
@@ -172,12 +222,14 @@ class MoE(nn.Module):
         super().__init__()
         if args.score_func not in ("softmax", "sigmoid"):
             raise ValueError(f"score_func={args.score_func!r}: softmax or sigmoid")
+        if args.activation not in ("swiglu", "clamped_swiglu"):
+            raise ValueError(f"activation={args.activation!r}: swiglu or clamped_swiglu")
         self.args = args
         self.router = Router(args)
-        self.experts = GroupedExperts(args.dim, args.hidden_dim, args.n_experts)
+        self.experts = GroupedExperts(args.dim, args.hidden_dim, args.n_experts, args)
         self.shared_experts = None
         if args.n_shared_experts:
-            self.shared_experts = GroupedExperts(args.dim, args.hidden_dim * args.n_shared_experts, 1)
+            self.shared_experts = GroupedExperts(args.dim, args.hidden_dim * args.n_shared_experts, 1, args)
         # the training loop sets this to 1 / (MoE layers x micro-batches per step): the balance loss is then
         # averaged over the layers and the step's micro-batches, as the cross-entropy is
         self.aux_loss_scale = 1.0
@@ -220,6 +272,8 @@ class MoE(nn.Module):
 
     def init_weights(self, std: float = 0.02) -> None:
         nn.init.trunc_normal_(self.router.gate.weight, mean=0.0, std=std)
+        if self.router.gate.bias is not None:
+            nn.init.zeros_(self.router.gate.bias)
         self.experts.init_weights(std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std)
