@@ -54,6 +54,33 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
+def compose_full(overrides: list[str], config_name: str = "config", config_dir: Path | None = None):
+    """The composed config with its `hydra` node, as `launch.py [-cd DIR] [-cn NAME]` would see it: a config
+    outside conf/ (a sweep definition of sweeps/) finds conf/ on the search path, as launch.py's does."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from pretrain.config import register_configs
+
+    register_configs()
+    config_dir = config_dir or (CONF if config_name == "config" else REPO / "sweeps")
+    search = [] if Path(config_dir).resolve() == CONF else [f"hydra.searchpath=[file://{CONF}]"]
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return hydra_compose(config_name, overrides=[*search, *overrides], return_hydra_config=True)
+
+
+def resolve_full(cfg):
+    """resolve() of a config composed with its `hydra` node."""
+    from omegaconf import open_dict
+
+    from pretrain.config import resolve
+
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return resolve(cfg)
+
+
 # The test being set up or run, and whether it is marked slow (kept current by conftest.py; None outside
 # pytest). Starting processes costs seconds on 2 cores, so only tests marked slow may do it.
 running_test: tuple[str, bool] | None = None

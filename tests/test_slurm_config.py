@@ -15,38 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CONF, REPO, TINY, run_launch
+from helpers import CONF, REPO, TINY, compose_full, resolve_full, run_launch
 
 from pretrain import preemption
-from pretrain.config import ClusterConfig, ConfigError, register_configs, resolve
+from pretrain.config import ClusterConfig, ConfigError
 from pretrain.slurm.points import MAX_DIR_NAME_BYTES, point_dir_name
 from pretrain.slurm.request import sbatch_flags, submitit_parameters
 from pretrain.slurm.submission import describe_trace
 
 PRESETS = sorted(p.stem for p in (CONF / "cluster").glob("*.yaml") if p.stem != "local")
-
-
-def compose_full(overrides: list[str], config_name: str = "config"):
-    """The composed config with its `hydra` node, as launch.py would see it; a sweep definition is
-    composed as `launch.py -cd sweeps -cn NAME` composes it."""
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    if config_name == "config":
-        config_dir, search = CONF, []
-    else:
-        config_dir, search = REPO / "sweeps", [f"hydra.searchpath=[file://{CONF}]"]
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        return compose(config_name, overrides=[*search, *overrides], return_hydra_config=True)
-
-
-def resolve_full(cfg):
-    from omegaconf import open_dict
-
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return resolve(cfg)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
