@@ -16,6 +16,8 @@ EXPECTED = {
     "llama3_70b": (70_553_706_496, 256),
     "llama3_405b_4d": (405_853_388_800, 512),
     "deepseek_v3_671b": (671_026_404_352, 256),  # the published 671B (MTP module not included)
+    "llama4_scout": (107_769_861_120, 64),  # the text decoder: transformers' Llama4ForCausalLM count (109B with vision)
+    "llama4_maverick": (400_711_848_960, 256),  # the text decoder: transformers' Llama4ForCausalLM count (400B)
 }
 
 

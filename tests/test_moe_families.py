@@ -1,5 +1,5 @@
 """Layer 3 for the MoE families: expert parallelism (alone, with FSDP, with TP) on 2 and 4 CPU processes
-trains Qwen3-MoE and DeepSeek-V3 like one process, through launch.py, with the load metrics logged.
+trains Qwen3-MoE, DeepSeek-V3 and Llama 4 like one process, through launch.py, with the load metrics logged.
 
 The reference is one process with gradient accumulation over the same per-rank micro-batches: the balance
 loss is computed per forward, so a data-parallel rank's micro-batch is the unit both sides share.
@@ -31,6 +31,11 @@ SMALL = {
                     "model.vocab_size=512", "model.ffn_hidden_dim=128", "model.moe.hidden_dim=32",
                     "model.mla.kv_lora_rank=32", "model.mla.q_lora_rank=48", "model.mla.qk_nope_head_dim=16",
                     "model.mla.qk_rope_head_dim=8", "model.mla.v_head_dim=16"],
+    # 4 layers: chunked RoPE layers (8-token chunks, 4 per sequence), the NoPE layer 3 with its query temperature
+    # stepping every 4 positions, MoE in layers 1 and 3; no balance loss, so routing is per token (as DeepSeek's)
+    "llama4": ["model=llama4_debug", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+               "model.vocab_size=512", "model.ffn_hidden_dim=128", "model.moe.hidden_dim=32",
+               "model.attention_window_size=8", "model.attn_floor_scale=4", "model.moe.aux_loss_coeff=0"],
 }
 COMMON = ["training.seq_len=32", "training.deterministic=true", "training.global_batch_size=8",
           "lr_scheduler.warmup_steps=2", "optimizer.lr=3e-3", "metrics.log_freq=1", "metrics.enable_aim=false",
@@ -52,6 +57,9 @@ LAYOUTS = {  # name: (overrides, the reference with the same micro-batches)
     "pp2": (["parallelism=fsdp_pp", "cluster.nproc_per_node=2", "training.local_batch_size=8"], "accum2"),
     "pp2_ep2": (["parallelism=fsdp_pp", "cluster.nproc_per_node=4", "parallelism.expert_parallel_degree=2",
                  "training.local_batch_size=4"], "accum2"),
+    # the two stages' blocks compiled under full activation checkpointing
+    "pp2_compile_ac": (["parallelism=fsdp_pp", "cluster.nproc_per_node=2", "training.local_batch_size=8",
+                        "compile.enable=true", "activation_checkpoint.mode=full"], "accum2"),
     # step 10's checkpoint removed, the rerun resumes from step 5 (expert-sharded weights, Adam state, biases)
     "ep2_resumed": (["parallelism=fsdp", "cluster.nproc_per_node=2", "parallelism.expert_parallel_degree=2",
                      "training.local_batch_size=4"], "ep2"),
@@ -64,6 +72,8 @@ RUNS = {
     "qwen3": ["accum2", "accum4", "ep2", "ep4", "ep2_tp2", "ep2_compile_ac"],
     # (FSDP 4 x EP 2: tests/test_expert_parallel.py)
     "deepseek_v3": ["accum2", "accum2_no_validation", "ep2", "pp2", "pp2_ep2", "ep2_resumed"],
+    # FSDP 2 x TP 2 x EP 2 on 4 processes; PP 2 compiled under AC on 2 (EP alone, PP with EP: the families above)
+    "llama4": ["accum2", "ep2_tp2", "pp2_compile_ac"],
 }
 
 
