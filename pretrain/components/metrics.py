@@ -5,6 +5,7 @@ Outputs of one run, all in `job.run_dir` except the Aim repo:
                   (after a resume from an older checkpoint a step can appear twice: the last line wins)
   aim_run_hash    the Aim run of this run directory, so a resumed job appends to the same Aim run
   tb/             TensorBoard events, when metrics.enable_tensorboard
+  wandb_run_id    the W&B run of this run directory, when metrics.enable_wandb (wandb_sink.py); wandb/ its files
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from pretrain.components.peak_flops import peak_flops, peak_flops_for_name  # noqa: F401  (re-exported)
+from pretrain.components.wandb_sink import WandbRun
 from pretrain.config import JobConfig
 from pretrain.errors import ConfigError
 from pretrain.log import logger
@@ -177,6 +179,7 @@ class MetricsLogger:
         self._jsonl = None
         self._aim_run = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         run_dir = job.job.run_dir
@@ -188,6 +191,8 @@ class MetricsLogger:
             if job.metrics.enable_aim:
                 self._aim_run = open_aim_run(job)
                 logger.info(f"Aim run {self._aim_run.hash}: aim up --repo {self._aim_run.repo.root_path}")
+            if job.metrics.enable_wandb:
+                self._wandb = WandbRun(job)
             self._jsonl = open(os.path.join(run_dir, JSONL_FILE), "a")
         except BaseException:
             self.close()  # release what was opened (the Aim lock above all)
@@ -196,6 +201,10 @@ class MetricsLogger:
     @property
     def aim_run_hash(self) -> Optional[str]:
         return self._aim_run.hash if self._aim_run is not None else None
+
+    @property
+    def wandb_run_id(self) -> Optional[str]:
+        return self._wandb.id if self._wandb is not None else None
 
     def log(self, step: int, values: dict[str, float]) -> None:
         """Record one step: needs loss, grad_norm, lr, tokens_per_s, tflops, mfu, memory_gib (extra keys welcome)."""
@@ -210,6 +219,8 @@ class MetricsLogger:
         if self._tb is not None:
             for name, value in numbers.items():
                 self._tb.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step)
 
     def log_text(self, msg: str) -> None:
         if self.enabled:
@@ -223,6 +234,9 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None

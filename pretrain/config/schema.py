@@ -246,6 +246,14 @@ class MetricsConfig:
     enable_aim: bool = True  # track the run in Aim (rank 0)
     aim_repo: str = ""  # Aim repository directory; "" = job.dump_folder
     enable_tensorboard: bool = False  # also write TensorBoard events into <run_dir>/tb
+    # also track the run in Weights & Biases (rank 0; pip install -e ".[wandb]"); one W&B run per run directory,
+    # resumed with it; W&B's files go to <run_dir>/wandb
+    enable_wandb: bool = False
+    wandb_project: str = ""  # W&B project; "" = $WANDB_PROJECT, else "pretrain"
+    wandb_entity: str = ""  # W&B team or user; "" = $WANDB_ENTITY, else your default entity
+    wandb_run_name: str = ""  # the run's display name; "" = job.name
+    # online | offline (written under <run_dir>/wandb, uploaded later with `wandb sync`); "" = $WANDB_MODE, else online
+    wandb_mode: str = ""
 
 
 @dataclass

@@ -52,8 +52,6 @@ RENAMED: dict[str, str] = {
                                                   "names per stage) or parallelism.pipeline_parallel_layers_per_stage",
     "parallelism.expert_tensor_parallel_degree": "not supported: experts shard over EP, and TP within a rank's experts",
     "parallelism.enable_compiled_autograd": "not supported",
-    "metrics.enable_wandb": "not supported yet: Aim tracks every run (aim up --repo outputs), TensorBoard with "
-                            "metrics.enable_tensorboard=true",
     "metrics.save_tb_folder": "TensorBoard events always go to <run dir>/tb",
     "metrics.disable_color_printing": "not needed: the console lines carry no color",
     "metrics.save_for_all_ranks": "not supported: rank 0 logs the metrics, reduced over the ranks",

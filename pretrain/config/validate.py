@@ -5,6 +5,7 @@ features in features.py. Every failure is a ConfigError naming the key, the valu
 from __future__ import annotations
 
 import glob
+import importlib.util
 import math
 import os
 import re
@@ -17,7 +18,7 @@ from pretrain.config.flavors import check_flavor
 from pretrain.config.held_out import check_validation, held_out_data
 from pretrain.config.layout import check_layout
 from pretrain.config.model import family_spec, validate_model
-from pretrain.config.schema import EMBEDDED_SPLITS, FILE_BUILDERS, ClusterConfig, DataConfig, JobConfig
+from pretrain.config.schema import EMBEDDED_SPLITS, FILE_BUILDERS, ClusterConfig, DataConfig, JobConfig, MetricsConfig
 from pretrain.errors import ConfigError, check_choice, check_positive
 
 
@@ -128,7 +129,7 @@ def validate(job: JobConfig) -> None:
             f"checkpoint.initial_load_path={c.initial_load_path!r} is not a directory. Fix: point it at a checkpoint "
             "step folder (<run_dir>/checkpoint/step-N) or a Hugging Face model folder, or set it to ''."
         )
-    check_positive("metrics.log_freq", job.metrics.log_freq)
+    check_metrics(job.metrics)
     if "/" in job.job.name or job.job.name in ("", ".", ".."):
         raise ConfigError(
             f"job.name={job.job.name!r} must be a non-empty name without '/' (and not . or ..). Fix: "
@@ -147,6 +148,18 @@ def validate(job: JobConfig) -> None:
                 check_source(held_out_data(job), key="validation")
             except ConfigError as e:
                 raise ConfigError(f"{e} Or train without a held-out loss: validation.enable=false.") from None
+
+
+def check_metrics(m: MetricsConfig) -> None:
+    """The metrics section; an optional tracker's package must be installed before anything starts."""
+    check_positive("metrics.log_freq", m.log_freq)
+    if m.wandb_mode:
+        check_choice("metrics.wandb_mode", m.wandb_mode, ("online", "offline"))
+    if m.enable_wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            'metrics.enable_wandb=true needs the wandb package, which is not installed. Fix: pip install -e ".[wandb]" '
+            "(or pip install wandb), or set metrics.enable_wandb=false."
+        )
 
 
 # sbatch options that cluster.* keys set; extra_sbatch must not set them a second time
