@@ -36,6 +36,10 @@ SMALL = {
     "llama4": ["model=llama4_debug", "model.dim=64", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
                "model.vocab_size=512", "model.ffn_hidden_dim=128", "model.moe.hidden_dim=32",
                "model.attention_window_size=8", "model.attn_floor_scale=4", "model.moe.aux_loss_coeff=0"],
+    # 2 layers: an 8-token sliding window with sinks (layer 0), full attention with sinks (layer 1), biases in the
+    # attention, the router and the experts, the clamped SwiGLU; no balance loss, so routing is per token
+    "gpt_oss": ["model=gpt_oss_debug", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                "model.head_dim=16", "model.vocab_size=512", "model.moe.hidden_dim=32"],
 }
 COMMON = ["training.seq_len=32", "training.deterministic=true", "training.global_batch_size=8",
           "lr_scheduler.warmup_steps=2", "optimizer.lr=3e-3", "metrics.log_freq=1", "metrics.enable_aim=false",
@@ -74,6 +78,8 @@ RUNS = {
     "deepseek_v3": ["accum2", "accum2_no_validation", "ep2", "pp2", "pp2_ep2", "ep2_resumed"],
     # FSDP 2 x TP 2 x EP 2 on 4 processes; PP 2 compiled under AC on 2 (EP alone, PP with EP: the families above)
     "llama4": ["accum2", "ep2_tp2", "pp2_compile_ac"],
+    # the same two: sinks and biases split with heads and hidden units under TP, expert biases carried under EP
+    "gpt_oss": ["accum2", "ep2_tp2", "pp2_compile_ac"],
 }
 
 
