@@ -18,6 +18,8 @@ EXPECTED = {
     "deepseek_v3_671b": (671_026_404_352, 256),  # the published 671B (MTP module not included)
     "llama4_scout": (107_769_861_120, 64),  # the text decoder: transformers' Llama4ForCausalLM count (109B with vision)
     "llama4_maverick": (400_711_848_960, 256),  # the text decoder: transformers' Llama4ForCausalLM count (400B)
+    "gpt_oss_20b": (20_914_757_184, 8),  # the published 20.9B: transformers' GptOssForCausalLM count
+    "gpt_oss_120b": (116_829_156_672, 64),  # the published 116.8B: transformers' GptOssForCausalLM count
 }
 
 
