@@ -5,7 +5,7 @@ weights, sampling, and the CLI on a launched run's checkpoints with its refusals
 Tolerances (fp32 on CPU). The cached path computes the same attention as a full forward over fewer query rows
 (SDPA with an explicit mask instead of is_causal for the decoded tokens), so the logits differ by summation order:
 within LOGIT_TOL (1e-5) of their largest magnitude, as tests/test_hf.py allows against transformers. Measured
-(torch 2.13 CPU): 3.2e-7 to 4.5e-7 for the four models; the windowed and sink kernels within 6e-7 (absolute, on
+(torch 2.13 CPU): 3.2e-7 to 4.7e-7 for the six models; the windowed and sink kernels within 6e-7 (absolute, on
 unit-variance inputs; allowed 1e-5), and attending past the window moves them by more than 1e-3 (checked).
 Greedy tokens against transformers are compared exactly: argmax differs only where two logits are within float
 noise, which the seeded weights here do not have.
@@ -37,6 +37,9 @@ FAMILIES = {
     "qwen3": ("qwen3_debug",),
     "qwen3_moe": ("qwen3_moe_debug",),
     "deepseek_v3": ("deepseek_v3_debug",),
+    # chunks of 16 and a temperature step every 8 positions: both change within the 40 positions decoded below
+    "llama4": ("llama4_debug", "model.attention_window_size=16", "model.attn_floor_scale=8"),
+    "gpt_oss": ("gpt_oss_debug",),  # sliding windows of 8 every other layer, sinks
 }
 SEQ = 64
 PROMPT, NEW = 12, 20
@@ -63,7 +66,7 @@ def test_cached_decoding_gives_the_full_forward_logits(family):
     with torch.no_grad():
         full = model(tokens)
         with KVCache(model, 40) as cache:
-            steps = [cache.forward(tokens[:, :25])] + [cache.forward(tokens[:, i : i + 1]) for i in range(25, 40)]
+            steps = [cache.forward(tokens[:, :30])] + [cache.forward(tokens[:, i : i + 1]) for i in range(30, 40)]
             assert cache.length == 40
     assert_logits_close(full, torch.cat(steps, dim=1))
     assert model.freqs_cis.shape[0] == SEQ  # the full buffer and the model's own kernels are back
