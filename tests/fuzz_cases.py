@@ -72,6 +72,7 @@ MOE = ("model.name=qwen3", "model.rope_scaling=false", "model.moe.n_routed_exper
 MLA = ("model.name=deepseek_v3", "model.rope_scaling=false", "model.mla.kv_lora_rank=16")
 VALIDATION = ("validation.enable=true",)  # the section is checked when it is on
 YARN = ("model.name=deepseek_v3", "model.rope_scaling_type=yarn", "model.mla.kv_lora_rank=16")
+TEMPERATURE = ("model=llama4_debug",)  # NoPE layers with query temperature tuning
 
 # key -> (rule, overrides under which the rule applies); _bad_value() draws a value that breaks the rule
 RANGES = {
@@ -80,10 +81,13 @@ RANGES = {
                                               "rope_original_max_seq_len")},
     **{f"model.{k}": ("float>0", ()) for k in ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor",
                                                 "rope_low_freq_factor")},
-    "model.rope_high_freq_factor": ("float>1", ()),  # above rope_low_freq_factor (1.0)
+    "model.rope_high_freq_factor": ("float>=1", ()),  # at least rope_low_freq_factor (1.0)
     **{f"model.{k}": ("int>0", ()) for k in ("head_dim", "ffn_hidden_dim")},
     **{f"model.rope_yarn_{k}": ("float>0", YARN) for k in ("beta_slow", "mscale")},
     "model.rope_yarn_beta_fast": ("float>1", YARN),  # above rope_yarn_beta_slow (1.0)
+    "model.nope_layer_interval": ("int>=0", ()),
+    "model.attn_floor_scale": ("int>0", TEMPERATURE),
+    "model.attn_scale": ("float>=0", TEMPERATURE),
     **{f"model.moe.{k}": ("int>=0", ()) for k in ("n_routed_experts", "n_shared_experts")},
     **{f"model.moe.{k}": ("float>=0", ()) for k in ("bias_update_speed", "aux_loss_coeff")},
     "model.moe.n_dense_layers": ("int>=0", MOE),
@@ -136,6 +140,7 @@ CHOICES = {
     "data.format": (("text", "tokenized"), ()),
     "model.name": (tuple(family_names()), ()),
     "model.rope_scaling_type": (("llama3", "yarn"), ()),
+    "model.qk_norm_type": (("rms", "l2"), ()),
     "model.moe.score_func": (("softmax", "sigmoid"), MOE),
     "model.moe.activation": (("swiglu", "clamped_swiglu"), MOE),
     "parallelism.fsdp_reshard_after_forward": (("default", "always", "never"), ()),
@@ -223,6 +228,7 @@ def _bad_value(rule: str, rng: random.Random) -> str:
         "float>0": ["0", f"-{small}", "nan", "inf", "-inf"],
         "float>=0": [f"-{small}", "nan", "inf"],
         "float>1": ["1.0", "0.5", f"-{small}", "nan"],
+        "float>=1": ["0.5", f"-{small}", "nan"],
         "[0,1]": [f"-{small}", f"1{small}", "nan"],
         "[0,1)": ["1.0", f"1{small}", f"-{small}", "nan"],
         "number": ["nan"],
@@ -483,6 +489,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _windowed(model: str) -> bool:
+    """Whether a model option, over its family's base option, has attention windows (they refuse context
+    parallelism)."""
+    option = OmegaConf.load(CONF / "model" / f"{model}.yaml")
+    merged = OmegaConf.merge(*[OmegaConf.load(CONF / "model" / f"{entry.split('@')[0]}.yaml")
+                               for entry in option.get("defaults", []) if str(entry).endswith("@_here_")], option)
+    return merged.get("attention_window", "none") != "none"
+
+
 def valid_args(rng: random.Random) -> list[str]:
     """Random values inside the valid ranges, group options, and a layout that fits the model and the world."""
     args = []
@@ -520,6 +535,8 @@ def valid_args(rng: random.Random) -> list[str]:
     tp = rng.choice([t for t in _divisors(world) if heads % t == 0 and kv % t == 0 and t <= 8])
     pp = rng.choice([p for p in _divisors(world // tp) if p <= layers + 2 and p <= 4])
     cp = rng.choice(_divisors(world // tp // pp))
+    if _windowed(model):
+        cp = 1
     replicate = rng.choice(_divisors(world // tp // pp // cp))
     shard = world // (tp * pp * cp * replicate)
     factor = 2 * cp * tp if cp > 1 else tp
