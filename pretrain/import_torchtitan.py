@@ -24,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hydra import compose, initialize_config_dir
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from pretrain.config import register_configs, resolve
 from pretrain.config.compose import CONF
 from pretrain.config.schema import JobConfig
 from pretrain.config.torchtitan_names import RENAMED, SECTIONS, schema_keys
@@ -208,10 +210,6 @@ def preset_world_size(text: str) -> int | None:
 def check(recipe_path: Path) -> str | None:
     """The reason `launch.py experiment=<recipe> dry_run=true` would refuse the recipe, or None when it validates
     (a multi-node recipe runs with cluster=slurm; its dry run checks it from here)."""
-    from hydra import compose, initialize_config_dir
-
-    from pretrain.config import register_configs, resolve
-
     register_configs()
     search = [] if recipe_path.parent.parent == CONF else [f"hydra.searchpath=[file://{recipe_path.parent.parent}]"]
     try:

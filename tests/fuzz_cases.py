@@ -86,6 +86,9 @@ RANGES = {
     **{f"model.rope_yarn_{k}": ("float>0", YARN) for k in ("beta_slow", "mscale")},
     "model.rope_yarn_beta_fast": ("float>1", YARN),  # above rope_yarn_beta_slow (1.0)
     "model.nope_layer_interval": ("int>=0", ()),
+    "model.global_attention_every": ("int>=0", ()),
+    "model.attention_window_size": ("int>0", TEMPERATURE),  # Llama 4's chunks: checked when there is a window
+    "model.moe.interleave_step": ("int>0", MOE),
     "model.attn_floor_scale": ("int>0", TEMPERATURE),
     "model.attn_scale": ("float>=0", TEMPERATURE),
     **{f"model.moe.{k}": ("int>=0", ()) for k in ("n_routed_experts", "n_shared_experts")},
@@ -141,6 +144,7 @@ CHOICES = {
     "model.name": (tuple(family_names()), ()),
     "model.rope_scaling_type": (("llama3", "yarn"), ()),
     "model.qk_norm_type": (("rms", "l2"), ()),
+    "model.attention_window": (("none", "chunked", "sliding"), ()),
     "model.moe.score_func": (("softmax", "sigmoid"), MOE),
     "model.moe.activation": (("swiglu", "clamped_swiglu"), MOE),
     "parallelism.fsdp_reshard_after_forward": (("default", "always", "never"), ()),
