@@ -328,11 +328,14 @@ def test_context_parallel_is_refused():
         resolve(compose(["model=gpt_oss_debug", "parallelism=fsdp_cp", "cluster.nproc_per_node=4"]))
 
 
-# ----------------------------------------------------------------------------- tensor parallel
-GRAD_TOL = 1e-5  # fp32: sums over heads, hidden units and ranks in another order; measured 1.0e-6 (of the largest)
+# ----------------------------------------------------------------------------- TP and EP, in process groups
+GRAD_TOL = 1e-5  # fp32: sums over heads, hidden units and ranks in another order; measured 1.0e-6 (TP), 4.1e-7 (EP)
 
 
-def _tp_worker(rank: int, world_size: int, job, double_output_bias: bool) -> float:
+def _parallel_worker(rank: int, world_size: int, job, double_output_bias: bool) -> float:
+    """The largest difference, relative to the largest entry, between the parallel model's logits and
+    gradients (full tensors) and the unsharded model's, every rank on the same tokens. (With FSDP the ranks'
+    gradients are averaged: on the same tokens the average is the one-process gradient.)"""
     from torch.distributed.tensor import DTensor
 
     from pretrain.distributed.parallel_dims import ParallelDims
@@ -359,16 +362,22 @@ def _tp_worker(rank: int, world_size: int, job, double_output_bias: bool) -> flo
         return model, out
 
     full, want = model_and_grads(parallel=False)
-    tp, got = model_and_grads(parallel=True)
+    parallel, got = model_and_grads(parallel=True)
     worst = (got - want).abs().max().item() / want.abs().max().item()
     ref_grads = dict(full.named_parameters())
-    for name, p in tp.named_parameters():
+    for name, p in parallel.named_parameters():
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         ref = ref_grads[name].grad
         worst = max(worst, (grad - ref).abs().max().item() / ref.abs().max().item())
-    sinks = tp.layers["0"].attention.sinks
-    assert isinstance(sinks, DTensor) and sinks.to_local().shape == (cfg.n_heads // 2,)  # split with the heads
+    if job.parallelism.tensor_parallel_degree > 1:  # the sinks are split with the heads
+        sinks = parallel.layers["0"].attention.sinks
+        assert isinstance(sinks, DTensor) and sinks.to_local().shape == (cfg.n_heads // 2,)
     return worst
+
+
+def _layout(*overrides: str):
+    return resolve(compose(["model=gpt_oss_debug", "model.n_layers=2", "cluster.nproc_per_node=2",
+                            "parallelism.disable_loss_parallel=true", "training.seq_len=24", *overrides]))
 
 
 @pytest.mark.slow
@@ -377,8 +386,15 @@ def test_tensor_parallel_biases_sinks_and_expert_biases():
     """TP 2 on two gloo processes, biases and sinks drawn large: logits and every parameter's gradient equal
     the unsharded model's (q/k/v biases and sinks split with their heads, wo's bias and the experts' output
     bias added once, the router bias replicated). Adding the experts' output bias on each rank is seen."""
-    job = resolve(compose(["model=gpt_oss_debug", "model.n_layers=2", "parallelism=tp",
-                           "parallelism.tensor_parallel_degree=2", "cluster.nproc_per_node=2",
-                           "parallelism.disable_loss_parallel=true", "training.seq_len=24"]))
-    assert max(run_on_ranks(_tp_worker, 2, job, False)) <= GRAD_TOL
-    assert min(run_on_ranks(_tp_worker, 2, job, True)) > 1e-2
+    job = _layout("parallelism=tp", "parallelism.tensor_parallel_degree=2")
+    assert max(run_on_ranks(_parallel_worker, 2, job, False)) <= GRAD_TOL
+    assert min(run_on_ranks(_parallel_worker, 2, job, True)) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_expert_parallel_carries_the_expert_biases():
+    """EP 2 (with FSDP 2) on two gloo processes: each rank holds 4 of the 8 experts with their biases; logits
+    and every gradient (the experts' biases included) equal the unsharded model's."""
+    job = _layout("parallelism=fsdp", "parallelism.expert_parallel_degree=2")
+    assert max(run_on_ranks(_parallel_worker, 2, job, False)) <= GRAD_TOL
