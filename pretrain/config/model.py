@@ -92,6 +92,12 @@ class ModelConfig:
     # with a window: every Nth layer (N-1, 2N-1, ...) attends to its whole causal context (Llama 4: 4,
     # GPT-OSS: 2); 0 = every layer windowed
     global_attention_every: int = 0
+    # every Nth layer (N-1, 2N-1, ...) has no RoPE (Llama 4: 4, HF no_rope_layer_interval); 0 = RoPE in every layer
+    nope_layer_interval: int = 0
+    # NoPE layers scale the query at position p by 1 + attn_scale x ln(1 + floor((p + 1) / attn_floor_scale)) (Llama 4)
+    attn_temperature_tuning: bool = False
+    attn_floor_scale: int = 8192  # temperature tuning: tokens per step of the scale (Llama 4: 8192, HF floor_scale)
+    attn_scale: float = 0.1  # temperature tuning: the scale's strength (Llama 4: 0.1, HF attn_scale)
     tie_word_embeddings: bool = False  # share the output projection with the token embedding
     hf_assets_path: str = ""  # directory with an HF tokenizer.json (or tokenizer.model); "" = none
     moe: MoEConfig = field(default_factory=MoEConfig)  # Mixture-of-Experts feed-forward (n_routed_experts > 0)
@@ -100,12 +106,6 @@ class ModelConfig:
 
 def head_dim(m: ModelConfig) -> int:
     """E: explicit, or dim / n_heads."""
-    # every Nth layer (N-1, 2N-1, ...) has no RoPE (Llama 4: 4, HF no_rope_layer_interval); 0 = RoPE in every layer
-    nope_layer_interval: int = 0
-    # NoPE layers scale the query at position p by 1 + attn_scale x ln(1 + floor((p + 1) / attn_floor_scale)) (Llama 4)
-    attn_temperature_tuning: bool = False
-    attn_floor_scale: int = 8192  # temperature tuning: tokens per step of the scale (Llama 4: 8192, HF floor_scale)
-    attn_scale: float = 0.1  # temperature tuning: the scale's strength (Llama 4: 0.1, HF attn_scale)
     return m.head_dim or m.dim // m.n_heads
 
 
@@ -130,6 +130,12 @@ def layer_window(m: ModelConfig, layer_id: int) -> tuple[str, int]:
     return m.attention_window, m.attention_window_size
 
 
+def is_nope_layer(m: ModelConfig, layer_id: int) -> bool:
+    """Whether block `layer_id` attends without RoPE (every model.nope_layer_interval-th layer)."""
+    every = m.nope_layer_interval
+    return bool(every) and (layer_id + 1) % every == 0
+
+
 def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
     """Whether block `layer_id` has a MoE feed-forward."""
     e = m.moe
@@ -138,12 +144,6 @@ def is_moe_layer(m: ModelConfig, layer_id: int) -> bool:
 
 def validate_model(m: ModelConfig) -> None:
     """Rules of the model section; raises ConfigError naming the key and the fix."""
-def is_nope_layer(m: ModelConfig, layer_id: int) -> bool:
-    """Whether block `layer_id` attends without RoPE (every model.nope_layer_interval-th layer)."""
-    every = m.nope_layer_interval
-    return bool(every) and (layer_id + 1) % every == 0
-
-
     for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "norm_eps", "rope_theta"):
         check_positive(f"model.{key}", getattr(m, key))
     for key in ("ffn_dim_multiplier", "head_dim", "ffn_hidden_dim"):
@@ -189,6 +189,7 @@ def is_nope_layer(m: ModelConfig, layer_id: int) -> bool:
         raise ConfigError(f"head width {head_dim(m)} (model.head_dim or dim / n_heads) is odd; RoPE rotates pairs. "
                           "Fix: make it even.")
     _validate_window(m)
+    _validate_positions(m)
     _validate_moe(m)
     _validate_mla(m)
     _validate_family(m)
@@ -197,7 +198,6 @@ def is_nope_layer(m: ModelConfig, layer_id: int) -> bool:
 def family_names() -> list[str]:
     """The model families this installation has (the packages of pretrain/models/ but `common`)."""
     package = importlib.import_module(FAMILIES_PACKAGE)
-    _validate_positions(m)
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.ispkg and m.name != "common")
 
 
@@ -286,14 +286,6 @@ def _validate_window(m: ModelConfig) -> None:
         check_positive("model.attention_window_size", m.attention_window_size)
 
 
-def _validate_moe(m: ModelConfig) -> None:
-    e = m.moe
-    for key in ("n_routed_experts", "n_shared_experts", "n_dense_layers", "bias_update_speed", "aux_loss_coeff"):
-        check_positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
-    if not e.n_routed_experts:
-        return
-    for key in ("top_k", "hidden_dim", "route_scale", "n_expert_groups", "n_limited_groups", "interleave_step"):
-        check_positive(f"model.moe.{key}", getattr(e, key))
 def _validate_positions(m: ModelConfig) -> None:
     """Llama 4's NoPE layers, their query temperature, and the kind of q/k norm."""
     check_choice("model.qk_norm_type", m.qk_norm_type, ("rms", "l2"))
@@ -309,6 +301,14 @@ def _validate_positions(m: ModelConfig) -> None:
         )
 
 
+def _validate_moe(m: ModelConfig) -> None:
+    e = m.moe
+    for key in ("n_routed_experts", "n_shared_experts", "n_dense_layers", "bias_update_speed", "aux_loss_coeff"):
+        check_positive(f"model.moe.{key}", getattr(e, key), allow_zero=True)
+    if not e.n_routed_experts:
+        return
+    for key in ("top_k", "hidden_dim", "route_scale", "n_expert_groups", "n_limited_groups", "interleave_step"):
+        check_positive(f"model.moe.{key}", getattr(e, key))
     check_choice("model.moe.score_func", e.score_func, ("softmax", "sigmoid"))
     check_choice("model.moe.activation", e.activation, EXPERT_ACTIVATIONS)
     if e.activation == "clamped_swiglu":
