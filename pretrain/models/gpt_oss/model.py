@@ -42,7 +42,7 @@ class Attention(attention.Attention):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__(cfg)
         self.attention_op = WindowedAttention(*layer_window(cfg, layer_id))
-        E = self.head_dim
+        E = self.head_dim  # Llama's bias-free projections, replaced by biased ones (the same names and shapes)
         self.wq = nn.Linear(cfg.dim, self.n_heads * E, bias=True)
         self.wk = nn.Linear(cfg.dim, self.n_kv_heads * E, bias=True)
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * E, bias=True)
