@@ -26,6 +26,7 @@ from pretrain.distributed.parallel_dims import ParallelDims
 from pretrain.distributed.parallelize import parallelize_decoder
 from pretrain.distributed.pipeline import split_for_rank
 from pretrain.models import get_model_spec
+from pretrain.models.common.flops import inactive_expert_params
 
 GIB = 1024**3
 
@@ -92,6 +93,7 @@ def dry_run(job: JobConfig) -> None:
         with torch.device("meta"):
             model = spec.build_model(job.model, job.training.seq_len)
         n_params, flops = spec.params_and_flops(model, job.model, job.training.seq_len)
+        n_active = n_params - inactive_expert_params(model)  # a MoE layer's tokens use top-k of its experts
         convert_to_float8(model, job.float8, device_type)
         parts = build_parts(spec, model, dims, job)
         mem = measure(job, dims, parts, device_type)
@@ -107,7 +109,8 @@ def dry_run(job: JobConfig) -> None:
         ("total", mem.total),
     ]
     model = f"{job.model.name}/{flavor_label(job.model)}"
-    print(f"dry run: {model} ({n_params / 1e9:.1f} B params, {flops:.3g} FLOPs/token)")
+    active = f", {n_active / 1e9:.1f} B active per token" if n_active < n_params else ""
+    print(f"dry run: {model} ({n_params / 1e9:.1f} B params{active}, {flops:.3g} FLOPs/token)")
     print(f"  world {world} = {dims} on a fake process group; rank 0 holds {mem.n_params_local:,} parameters")
     t = job.training
     print(f"  batch: local {t.local_batch_size} x seq {t.seq_len}, global {t.global_batch_size}")

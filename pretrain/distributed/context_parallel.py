@@ -265,10 +265,12 @@ class ContextParallelAttention:
 
 
 def narrow_rope_to_positions(model: nn.Module, positions: torch.Tensor) -> None:
-    """Keep the rows of `model.freqs_cis` (T, E/2) at this rank's positions; a no-op once narrowed."""
-    freqs = getattr(model, "freqs_cis", None)
-    if freqs is not None and freqs.shape[0] != positions.numel():
-        model.freqs_cis = freqs.index_select(0, positions.to(freqs.device))
+    """Keep the rows at this rank's positions of every per-position buffer of the model (`position_buffers`:
+    freqs_cis (T, E/2), and e.g. Llama 4's attention temperatures); a no-op for a buffer already narrowed."""
+    for name in getattr(model, "position_buffers", ("freqs_cis",)):
+        table = getattr(model, name, None)
+        if table is not None and table.shape[0] != positions.numel():
+            setattr(model, name, table.index_select(0, positions.to(table.device)))
 
 
 def apply_context_parallel(model: nn.Module, dims: ParallelDims, job: JobConfig) -> None:
