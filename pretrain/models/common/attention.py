@@ -16,6 +16,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def attend(op, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **extra) -> torch.Tensor:
+    """q (B, T, H, E), k and v (B, T, K, E) -> (B, T, H x E): heads first, each kv head repeated for the
+    H / K query heads it serves (grouped-query attention), the kernel `op(q, k, v, **extra)`, heads back."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
+    repeats = q.shape[1] // k.shape[1]
+    if repeats > 1:
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+    return op(q, k, v, **extra).transpose(1, 2).flatten(2)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -34,6 +44,10 @@ class Attention(nn.Module):
             nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, mean=0.0, std=init_std)
 
+    def kernel_extras(self) -> dict:
+        """Keyword arguments of the kernel besides q, k, v (GPT-OSS: its sink logits); none here."""
+        return {}
+
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads
@@ -41,10 +55,4 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = apply_rotary_emb(q, k, freqs_cis)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
-        repeats = q.shape[1] // k.shape[1]
-        if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-        out = self.attention_op(q, k, v)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(attend(self.attention_op, q, k, v, **self.kernel_extras()))  # (B, T, D)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain import torch_compat
+from pretrain.models.common.sharded import local_part
 
 
 @dataclass
@@ -64,11 +65,6 @@ class MoEArgs:
             expert_proj_bias=e.expert_proj_bias, activation=e.activation, swiglu_alpha=e.swiglu_alpha,
             swiglu_limit=e.swiglu_limit,
         )
-
-
-def _local(w: torch.Tensor) -> torch.Tensor:
-    """The rank's own block of a weight that parallelism has sharded (a DTensor), else the weight."""
-    return w.to_local() if hasattr(w, "to_local") else w
 
 
 def _use_grouped_mm(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -113,13 +109,13 @@ class GroupedExperts(nn.Module):
 
     def output_bias(self, counts: torch.Tensor, n_rows: int) -> torch.Tensor:
         """b2 of each row's expert: (N, D) for N rows sorted by expert, counts (E,) rows each."""
-        return _local(self.b2).repeat_interleave(counts, dim=0, output_size=n_rows)
+        return local_part(self.b2).repeat_interleave(counts, dim=0, output_size=n_rows)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (N, D) sorted by expert, counts (E,) rows each -> (N, D). Under expert or tensor parallelism
         the weights are this rank's experts (and hidden units), and x holds the tokens sent to them."""
-        w1, w2, w3 = _local(self.w1), _local(self.w2), _local(self.w3)
-        b1, b3 = (_local(self.b1), _local(self.b3)) if self.b1 is not None else (None, None)
+        w1, w2, w3 = local_part(self.w1), local_part(self.w2), local_part(self.w3)
+        b1, b3 = (local_part(self.b1), local_part(self.b3)) if self.b1 is not None else (None, None)
         if _use_grouped_mm(x, w1, w2, w3):
             offsets = torch.cumsum(counts, 0, dtype=torch.int32)
             gate = torch_compat.grouped_mm(x, w1.transpose(-2, -1), offsets)  # (N, H)
@@ -139,7 +135,7 @@ class GroupedExperts(nn.Module):
                 outputs.append(glu(gate, up, self.args) @ w2[e].T)  # (n_e, D)
             if not outputs:  # no token for these experts (possible under expert parallelism): the input and the
                 # weights still get a (zero) gradient, so every rank's backward runs the same collectives
-                return x.new_zeros(x.shape) + 0.0 * (x.sum() + sum(_local(p).sum() for p in self.parameters()))
+                return x.new_zeros(x.shape) + 0.0 * (x.sum() + sum(local_part(p).sum() for p in self.parameters()))
             out = torch.cat(outputs)
         if self.b2 is not None and self.add_output_bias:
             out = out + self.output_bias(counts, x.shape[0])

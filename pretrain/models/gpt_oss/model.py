@@ -28,12 +28,8 @@ from pretrain.models.common import attention
 from pretrain.models.common.decoder import Transformer as Decoder
 from pretrain.models.common.decoder import TransformerBlock
 from pretrain.models.common.masks import WindowedAttention
-from pretrain.models.common.rope import apply_rotary_emb, rotations, uses_yarn, yarn_frequencies, yarn_mscale
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The rank's own part of a tensor that parallelism has sharded (under TP, its heads' sinks), else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
+from pretrain.models.common.rope import rotations, uses_yarn, yarn_frequencies, yarn_mscale
+from pretrain.models.common.sharded import local_part
 
 
 class Attention(attention.Attention):
@@ -55,20 +51,8 @@ class Attention(attention.Attention):
             nn.init.zeros_(linear.bias)
         nn.init.zeros_(self.sinks)  # a sink logit of 0: one extra key of score 0 to every query, at the start
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        # -1 instead of the head count: under tensor parallelism each rank holds a slice of the heads
-        q = self.wq(x).view(B, T, -1, self.head_dim)
-        k = self.wk(x).view(B, T, -1, self.head_dim)
-        v = self.wv(x).view(B, T, -1, self.head_dim)
-        q, k = apply_rotary_emb(q, k, freqs_cis)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, E)
-        repeats = q.shape[1] // k.shape[1]
-        if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
-            k = k.repeat_interleave(repeats, dim=1)
-            v = v.repeat_interleave(repeats, dim=1)
-        out = self.attention_op(q, k, v, sinks=_local(self.sinks))  # (B, heads, T, E)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+    def kernel_extras(self) -> dict:
+        return {"sinks": local_part(self.sinks)}  # under TP, this rank's heads' sinks
 
 
 def precompute_freqs_cis(cfg: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:

@@ -71,12 +71,7 @@ class Attention(attention.Attention):
                 q, k = self._l2_norm(q), self._l2_norm(k)
         else:  # fp32 scales, the product back in q's dtype
             q = (q * positions[: q.shape[1], None, None]).to(q.dtype)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, E)
-        group = q.shape[1] // k.shape[1]
-        if group > 1:  # each kv head serves `group` query heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = self.attention_op(q, k, v)  # (B, H, T, E)
-        return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, D)
+        return self.wo(attention.attend(self.attention_op, q, k, v))  # (B, T, D)
 
 
 class Transformer(Decoder):

@@ -45,12 +45,7 @@ class Attention(attention.Attention):
         k = self.k_norm(self.wk(x).unflatten(-1, (-1, E)))  # (B, T, K, E)
         v = self.wv(x).unflatten(-1, (-1, E))  # (B, T, K, E)
         q, k = apply_rotary_emb(q, k, freqs_cis)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, E)
-        group = q.shape[1] // k.shape[1]
-        if group > 1:  # each kv head serves `group` query heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = self.attention_op(q, k, v)  # (B, H, T, E)
-        return self.wo(out.transpose(1, 2).flatten(2))  # (B, T, D)
+        return self.wo(attention.attend(self.attention_op, q, k, v))  # (B, T, D)
 
 
 class Transformer(Decoder):
