@@ -204,3 +204,44 @@ def assert_logits_close(ours, theirs) -> float:
     diff = (ours - theirs).abs().max().item()
     assert diff <= LOGIT_TOL * scale, f"max |diff| {diff:.3g} > {LOGIT_TOL} x max |logit| {scale:.3g}"
     return diff / scale
+
+
+def spread_weights(model, seed: int, biases: bool = False) -> None:
+    """Norm weights away from their init of ones (1 + 0.5 N(0, 1)), and with `biases` the biases and sinks away from
+    zero (0.5 N(0, 1)): ones and zeros would hide a wrong element order in a comparison."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
+            elif biases and name.endswith(("bias", "sinks", "b1", "b2", "b3")):
+                p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+
+
+def logits_and_grads(spec, job, world_size: int, parallel: bool, biases: bool = False, after_parallelize=None):
+    """(model, logits) of job's model seeded and spread (`spread_weights`), sharded by job's layout when
+    `parallel` (then `after_parallelize(model)`), after the backward of (logits x a fixed probe) on fixed tokens:
+    the same on every rank, so a layout's logits and gradients compare with the unsharded model's."""
+    import torch
+
+    from pretrain.distributed.parallel_dims import ParallelDims
+    from pretrain.distributed.parallelize import parallelize_decoder
+
+    cfg, T = job.model, job.training.seq_len
+    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(2, T, cfg.vocab_size, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = spec.build_model(cfg, T)
+    model.init_weights()
+    spread_weights(model, 0, biases)
+    if parallel:
+        dims = ParallelDims.from_config(job.parallelism, world_size)
+        dims.build_mesh("cpu")
+        parallelize_decoder(model, dims, job, spec.tp_plan_block)
+        if after_parallelize:
+            after_parallelize(model)
+    out = model(tokens)
+    (out * probe).sum().backward()
+    return model, out

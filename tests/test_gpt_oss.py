@@ -22,7 +22,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import assert_logits_close, compose, logits, relative_error, run_on_ranks
+from helpers import assert_logits_close, compose, logits, logits_and_grads, relative_error, run_on_ranks, spread_weights
 
 from pretrain.checkpoint import hf_io
 from pretrain.config import ModelConfig, resolve
@@ -52,17 +52,6 @@ CASES = {
 }
 
 
-@torch.no_grad()
-def spread(model: torch.nn.Module, seed: int) -> None:
-    """Biases and sinks drawn large, norm weights away from one: zeros and ones would hide a wrong order."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-        elif name.endswith(("bias", "sinks", "b1", "b2", "b3")):
-            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
-
-
 def hf_config_object(cfg: ModelConfig, dtype: str = "bfloat16"):
     """transformers' GptOssConfig of our config.json (rope_parameters, the key transformers 5 reads)."""
     config = gpt_oss_hf.hf_config(cfg, dtype)
@@ -76,7 +65,7 @@ def hf_model_of(cfg: ModelConfig, seed: int = 0):
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.GptOssForCausalLM(config)
-    spread(model, seed)
+    spread_weights(model, seed, biases=True)
     return model.eval()
 
 
@@ -141,7 +130,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
     torch.manual_seed(0)
     model = SPEC.build_model(cfg, SEQ)
     model.init_weights()
-    spread(model, 0)
+    spread_weights(model, 0, biases=True)
     config = hf_io.save_hf(model.state_dict(), str(tmp_path), SPEC, cfg, dtype="float32")
     assert config["layer_types"] == ["sliding_attention", "full_attention"] * 2 and config["sliding_window"] == 8
     hf, info = transformers.GptOssForCausalLM.from_pretrained(
@@ -338,31 +327,14 @@ def _parallel_worker(rank: int, world_size: int, job, double_output_bias: bool) 
     gradients are averaged: on the same tokens the average is the one-process gradient.)"""
     from torch.distributed.tensor import DTensor
 
-    from pretrain.distributed.parallel_dims import ParallelDims
-    from pretrain.distributed.parallelize import parallelize_decoder
+    def double_the_output_bias(model) -> None:  # the error the expert TP hook prevents: b2 added on each rank
+        for layer in model.layers.values():
+            layer.moe.experts.add_output_bias = True
 
-    cfg, T = job.model, job.training.seq_len
-    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
-    probe = torch.randn(2, T, cfg.vocab_size, generator=torch.Generator().manual_seed(2))
-
-    def model_and_grads(parallel: bool):
-        torch.manual_seed(0)
-        model = SPEC.build_model(cfg, T)
-        model.init_weights()
-        spread(model, 0)
-        if parallel:
-            dims = ParallelDims.from_config(job.parallelism, world_size)
-            dims.build_mesh("cpu")
-            parallelize_decoder(model, dims, job, SPEC.tp_plan_block)
-            if double_output_bias:  # the error the expert TP hook prevents: b2 added on each rank before the sum
-                for layer in model.layers.values():
-                    layer.moe.experts.add_output_bias = True
-        out = model(tokens)
-        (out * probe).sum().backward()
-        return model, out
-
-    full, want = model_and_grads(parallel=False)
-    parallel, got = model_and_grads(parallel=True)
+    cfg = job.model
+    full, want = logits_and_grads(SPEC, job, world_size, parallel=False, biases=True)
+    parallel, got = logits_and_grads(SPEC, job, world_size, parallel=True, biases=True,
+                                     after_parallelize=double_the_output_bias if double_output_bias else None)
     worst = (got - want).abs().max().item() / want.abs().max().item()
     ref_grads = dict(full.named_parameters())
     for name, p in parallel.named_parameters():

@@ -22,7 +22,7 @@ import math
 
 import pytest
 import torch
-from helpers import LOGIT_TOL, assert_logits_close, compose, logits, relative_error
+from helpers import LOGIT_TOL, assert_logits_close, compose, logits, relative_error, spread_weights
 
 from pretrain.checkpoint import hf_io
 from pretrain.config import ConfigError, ModelConfig, resolve
@@ -54,20 +54,11 @@ def tokens_for(cfg: ModelConfig) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-@torch.no_grad()
-def spread_norm_weights(model: torch.nn.Module, seed: int) -> None:
-    """RMSNorm weights away from their init of ones: a weight of ones hides a wrong element order."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-
-
 def our_model(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = SPEC.build_model(cfg, SEQ)
     model.init_weights()
-    spread_norm_weights(model, seed)
+    spread_weights(model, seed)
     return model.eval()
 
 
@@ -101,7 +92,7 @@ def hf_model_of(cfg: ModelConfig, seed: int = 0):
     config.initializer_range = 0.1  # decisive routing, sharper attention than at init
     torch.manual_seed(seed)
     model = transformers.Llama4ForCausalLM(config)
-    spread_norm_weights(model, seed)
+    spread_weights(model, seed)
     return model.eval()
 
 

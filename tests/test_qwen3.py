@@ -26,7 +26,18 @@ import re
 
 import pytest
 import torch
-from helpers import CONF, LOSS_RTOL, assert_logits_close, compose, logits, losses, run_launch, run_on_ranks
+from helpers import (
+    CONF,
+    LOSS_RTOL,
+    assert_logits_close,
+    compose,
+    logits,
+    logits_and_grads,
+    losses,
+    run_launch,
+    run_on_ranks,
+    spread_weights,
+)
 
 from pretrain.checkpoint import hf_io
 from pretrain.config import ModelConfig, resolve
@@ -42,15 +53,6 @@ SEQ = 64
 
 def preset(name: str, *overrides: str) -> ModelConfig:
     return resolve(compose([f"model={name}", *overrides])).model
-
-
-@torch.no_grad()
-def spread_norm_weights(model: torch.nn.Module, seed: int) -> None:
-    """RMSNorm weights away from their init of ones: a weight of ones hides a wrong element order."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if "norm" in name:
-            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
 
 
 # the debug presets, and one with a dense first layer (HF mlp_only_layers=[0])
@@ -72,7 +74,7 @@ def hf_model_of(cfg: ModelConfig, seed: int = 0):
     config.initializer_range = 0.1  # decisive routing, sharper attention than at init
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
-    spread_norm_weights(model, seed)
+    spread_weights(model, seed)
     return model.eval()
 
 
@@ -111,7 +113,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, case):
     torch.manual_seed(0)
     model = SPEC.build_model(cfg, SEQ)
     model.init_weights()
-    spread_norm_weights(model, 0)
+    spread_weights(model, 0)
     config = hf_io.save_hf(model.state_dict(), str(tmp_path), SPEC, cfg, dtype="float32")
     assert config["head_dim"] == 64 != cfg.dim // cfg.n_heads
     cls = transformers.Qwen3MoeForCausalLM if cfg.moe.n_routed_experts else transformers.Qwen3ForCausalLM
@@ -322,28 +324,8 @@ ATOL_GRAD = 1e-5  # fp32: sums over heads and ranks in another order, ~1e-7 rela
 def _tp_worker(rank: int, world_size: int, job) -> None:
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
-    from pretrain.distributed.parallel_dims import ParallelDims
-    from pretrain.distributed.parallelize import parallelize_decoder
-
-    cfg, T = job.model, job.training.seq_len
-    tokens = torch.randint(0, cfg.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
-    probe = torch.randn(2, T, cfg.vocab_size, generator=torch.Generator().manual_seed(2))
-
-    def model_and_grads(parallel: bool):
-        torch.manual_seed(0)
-        model = SPEC.build_model(cfg, T)
-        model.init_weights()
-        spread_norm_weights(model, 0)
-        if parallel:
-            dims = ParallelDims.from_config(job.parallelism, world_size)
-            dims.build_mesh("cpu")
-            parallelize_decoder(model, dims, job, SPEC.tp_plan_block)
-        out = model(tokens)
-        (out * probe).sum().backward()
-        return model, out
-
-    full, want = model_and_grads(parallel=False)
-    tp, got = model_and_grads(parallel=True)
+    full, want = logits_and_grads(SPEC, job, world_size, parallel=False)
+    tp, got = logits_and_grads(SPEC, job, world_size, parallel=True)
     assert (got - want).abs().max().item() <= ATOL_GRAD * want.abs().max().item(), (got - want).abs().max().item()
     for name in ("q_norm", "k_norm"):
         for i in tp.layers:
