@@ -169,7 +169,9 @@ CHOICES = {
     "checkpoint.async_mode": (("disabled", "async", "async_with_pinned_mem"), ()),
     "checkpoint.on_save_error": (("stop", "continue"), ()),
     "validation.format": (("text", "tokenized"), VALIDATION),  # or "" (data.format)
+    "metrics.wandb_mode": (("online", "offline"), ()),  # or "" ($WANDB_MODE)
 }
+EMPTY_ALLOWED = {"validation.format", "metrics.wandb_mode"}  # "" means "as elsewhere": a valid value
 # paths, checked by the "paths" generators below
 PATHS = {"model.hf_assets_path", "data.path", "data.data_files", "data.tokenizer_path", "checkpoint.initial_load_path",
          "validation.path", "validation.data_files"}
@@ -180,7 +182,7 @@ FREE = {
     "cluster.qos", "cluster.constraint", "cluster.setup", "cluster.extra_sbatch", "checkpoint.folder",
     "metrics.aim_repo", "profiling.save_traces_folder", "profiling.save_memory_snapshot_folder",
     "float8.filter_fqns", "parallelism.module_fqns_per_model_part",
-    "data.seed", "validation.split",
+    "data.seed", "validation.split", "metrics.wandb_project", "metrics.wandb_entity", "metrics.wandb_run_name",
 }
 
 # ------------------------------------------------------------------------------------------- the cases
@@ -264,7 +266,8 @@ def gen_out_of_range(rng):
 def gen_bad_choice(rng):
     key = rng.choice(sorted(CHOICES))
     allowed, context = CHOICES[key]
-    value = rng.choice([_word(rng), rng.choice(allowed).swapcase(), rng.choice(allowed) + "x", ""])
+    value = rng.choice([_word(rng), rng.choice(allowed).swapcase(), rng.choice(allowed) + "x",
+                        *([] if key in EMPTY_ALLOWED else [""])])
     if key.endswith("selective_ac_option"):
         value = rng.choice([_word(rng), "0", str(-rng.randint(1, 9)), "Op"])
     if next(leaf for leaf in LEAVES if leaf.key == key).kind == "list":

@@ -237,7 +237,7 @@ def test_torchtitan_spellings_get_the_key_to_use():
     cases = {
         "model.converters=[float8]": "model.converters is torchtitan's spelling. Fix: float8=<recipe>",
         "quantize.linear.float8.recipe_name=rowwise": "Fix: float8.recipe_name=rowwise (or float8=rowwise)",
-        "metrics.enable_wandb=true": "no counterpart here (not supported yet: Aim tracks every run",
+        "metrics.save_for_all_ranks=true": "no counterpart here (not supported: rank 0 logs the metrics",
         "fault_tolerance.enable=true": "torchtitan's [fault_tolerance] section",
         "training.stpes=3": "training.stpes is not a key of the config. Fix: training.steps=3",
         "+optimizer.lrr=1": "Fix: +optimizer.lr=1",

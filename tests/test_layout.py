@@ -60,10 +60,10 @@ def test_config_and_family_specs_load_without_torch():
         "from pretrain.config.model import family_names, family_spec\n"
         "register_configs()\n"
         f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
-        "    for model in ('llama3_debug', 'qwen3_moe_debug', 'deepseek_v3_debug'):\n"
+        "    for model in ('llama3_debug', 'qwen3_moe_debug', 'deepseek_v3_debug', 'llama4_debug', 'gpt_oss_debug'):\n"
         "        job = resolve(compose('config', overrides=[f'model={model}', 'dry_run=true']), run_dir='/tmp/x')\n"
         "        assert family_spec(job.model.name).name == job.model.name\n"
-        "assert family_names() == ['deepseek_v3', 'llama3', 'qwen3'], family_names()\n"
+        "assert family_names() == ['deepseek_v3', 'gpt_oss', 'llama3', 'llama4', 'qwen3'], family_names()\n"
         "assert 'torch' not in sys.modules, 'validation imported torch'\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120)
