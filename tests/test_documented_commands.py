@@ -110,8 +110,8 @@ def check_launch(args: list[str]) -> None:
 
 
 def check_module(args: list[str]) -> None:
-    """`python -m pretrain.X ...`: the module's own argument parser accepts the arguments; a subcommand's
-    `--help` answers."""
+    """`python -m pretrain.X ...`: the module's own argument parser accepts the arguments, or, for a module that
+    parses in main(), the command's (subcommand's) `--help` answers."""
     name, rest = args[2], args[3:]
     module = importlib.import_module(name)
     if hasattr(module, "parse_args"):
@@ -121,6 +121,8 @@ def check_module(args: list[str]) -> None:
             module.composed_config(module.parse_args(rest).overrides)
         except ConfigError as e:
             check_refusal(e)
+    if hasattr(module, "parse_args"):
+        return  # its own parser took the arguments: no process needed
     sub = [a for a in itertools.takewhile(lambda a: re.fullmatch(r"[a-z][a-z-]*", a), rest)]
     proc = subprocess.run([sys.executable, "-m", name, *sub, "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)
